@@ -1,0 +1,42 @@
+# Set-up and the two commands. Works on a fresh Debian machine with Python 3.11 and root.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.hetero-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# torch 2.14.1 + torchvision 0.29.1 install from this machine's local wheels (pip); pinned so pip
+# never reaches for a different multi-GB build.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install data demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[onnx,dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST: the Debian package if it is missing and nothing else provides the data, then a
+# check (or download) by hetero itself, which fails with a one-line hint when it cannot find it.
+data: $(STAMP)
+	@if [ ! -f "$(FMNIST)" ] && [ -z "$$HETERO_DATA" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) || \
+		echo "apt-get could not install dataset-fashion-mnist; hetero will try to download it"; \
+	fi
+	$(VENV)/bin/hetero data
+
+demo: data
+	$(VENV)/bin/hetero demo
+
+test: data
+	$(VENV)/bin/pytest -q
+
+bench: data
+	$(PY) benchmarks/metrics_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

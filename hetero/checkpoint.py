@@ -1,0 +1,174 @@
+"""Checkpoints: a directory with ``weights.safetensors`` and ``hetero.json`` (no pickle, ever).
+
+``hetero.json`` holds the model description, preprocessing, classes, the training config, the
+sha256 of the weights file (checked on load) and the **space fingerprint**: the cloud embedding
+space the model's embeddings live in. A cloud model defines its own space; an edge model records
+the fingerprint of the cloud it was trained into; a control model is its own space.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hetero._atomic import atomic_dir, sha256_file, write_json_atomic
+from hetero.data import Preprocess
+from hetero.errors import HeteroError
+from hetero.models import CosineClassifier, EmbeddingModel, ModelSpec, create_embedding_model
+
+FORMAT = "hetero-checkpoint"
+VERSION = 1
+WEIGHTS = "weights.safetensors"
+META = "hetero.json"
+ROLES = ("cloud", "edge", "control")
+
+
+def fingerprint(model: EmbeddingModel, classifier: CosineClassifier | None, prep: Preprocess) -> str:
+    """sha256 over the weights (and buffers) in sorted-name order, each as name, dtype, shape, bytes,
+    followed by the canonical JSON of dim, classifier config and preprocessing."""
+    h = hashlib.sha256()
+    tensors = _state(model, classifier)
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    extra = {"dim": model.dim, "classifier": classifier.config() if classifier else None, "preprocess": prep.to_dict()}
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _state(model: EmbeddingModel, classifier: CosineClassifier | None) -> dict[str, torch.Tensor]:
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if classifier is not None:
+        state.update({f"classifier.{k}": v for k, v in classifier.state_dict().items()})
+    return state
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model, its optional classifier and the metadata."""
+
+    role: str
+    spec: ModelSpec
+    model: EmbeddingModel
+    classifier: CosineClassifier | None
+    preprocess: Preprocess
+    classes: tuple[str, ...]
+    space: str  # fingerprint of the embedding space the model lives in
+    config: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of this model's own weights (equals ``space`` for a cloud model)."""
+        return fingerprint(self.model, self.classifier, self.preprocess)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.preprocess.channels, self.preprocess.size, self.preprocess.size)
+
+
+def save_checkpoint(ckpt: Checkpoint, dest: str | Path, overwrite: bool = False) -> Path:
+    """Write atomically: a reader sees the old checkpoint or the complete new one, never half of one."""
+    if ckpt.role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}")
+    dest = Path(dest)
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in _state(ckpt.model, ckpt.classifier).items()}
+        save_file(state, str(tmp / WEIGHTS))
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "role": ckpt.role,
+            "model": ckpt.spec.to_dict(),
+            "classifier": ckpt.classifier.config() if ckpt.classifier is not None else None,
+            "preprocess": ckpt.preprocess.to_dict(),
+            "classes": list(ckpt.classes),
+            "space": ckpt.space,
+            "fingerprint": ckpt.fingerprint,
+            "weights_sha256": sha256_file(tmp / WEIGHTS),
+            "config": ckpt.config,
+            "info": ckpt.info,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json_atomic(tmp / META, meta)
+    ckpt.path = dest
+    return dest
+
+
+def _resolve(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_file() and p.name in (META, WEIGHTS):
+        p = p.parent
+    if not p.exists():
+        raise HeteroError(f"checkpoint {path} does not exist; pass a directory written by `hetero train-cloud` or `hetero train-edge`")
+    if not (p / META).is_file():
+        raise HeteroError(f"{path} is not a hetero checkpoint (no {META}); pass a directory written by `hetero train-cloud` or `hetero train-edge`")
+    return p
+
+
+def load_checkpoint(path: str | Path, role: str | tuple[str, ...] | None = None) -> Checkpoint:
+    """Load and verify a checkpoint: JSON format, weights hash, tensor names and shapes, fingerprint."""
+    p = _resolve(path)
+    try:
+        meta = json.loads((p / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HeteroError(f"{p / META} is not valid JSON ({e.__class__.__name__}); the checkpoint is corrupt, re-train or re-copy it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise HeteroError(f"{p} is not a hetero checkpoint ({META} has no format={FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise HeteroError(f"{p}: checkpoint version {meta.get('version')} is not supported (expected {VERSION}); upgrade hetero")
+    roles = (role,) if isinstance(role, str) else role
+    if roles and meta.get("role") not in roles:
+        raise HeteroError(f"{p} is a {meta.get('role')} checkpoint, expected {' or '.join(roles)}")
+    wpath = p / WEIGHTS
+    if not wpath.is_file():
+        raise HeteroError(f"{p} has no {WEIGHTS}; the checkpoint is incomplete, re-train or re-copy it")
+    if sha256_file(wpath) != meta.get("weights_sha256"):
+        raise HeteroError(f"{wpath} does not match the sha256 in {META}; the file is corrupt or was replaced, re-train or re-copy it")
+    try:
+        spec = ModelSpec.from_dict(meta["model"])
+        prep = Preprocess.from_dict(meta["preprocess"])
+        model = create_embedding_model(spec, prep.channels)
+        classifier = None
+        if meta.get("classifier"):
+            c = meta["classifier"]
+            classifier = CosineClassifier(spec.dim, int(c["num_classes"]), float(c["scale"]), float(c["margin"]))
+        state = load_file(str(wpath))
+    except (SafetensorError, KeyError, TypeError, ValueError) as e:
+        raise HeteroError(f"{p}: cannot rebuild the model ({e}); the checkpoint is corrupt") from None
+    model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    cls_state = {k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")}
+    try:
+        model.load_state_dict(model_state, strict=True)
+        if classifier is not None:
+            classifier.load_state_dict(cls_state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise HeteroError(f"{p}: weights do not fit the described model ({first}); the checkpoint is corrupt") from None
+    model.eval()
+    ckpt = Checkpoint(
+        role=meta["role"], spec=spec, model=model, classifier=classifier, preprocess=prep,
+        classes=tuple(meta.get("classes", ())), space=str(meta.get("space", "")),
+        config=meta.get("config", {}), info=meta.get("info", {}), path=p,
+    )
+    if ckpt.fingerprint != meta.get("fingerprint"):
+        raise HeteroError(f"{p}: weights fingerprint differs from the one recorded; the checkpoint is corrupt")
+    return ckpt
+
+
+def check_same_space(edge: Checkpoint, cloud: Checkpoint) -> None:
+    """Refuse to compare an edge model with a cloud it was not trained against."""
+    if edge.space != cloud.space:
+        raise HeteroError(
+            f"edge checkpoint {edge.path} lives in cloud space {edge.space[:12]}, but the given cloud {cloud.path} is "
+            f"{cloud.space[:12]}; pass the cloud checkpoint it was trained with (train-edge --cloud)"
+        )

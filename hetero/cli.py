@@ -1,0 +1,271 @@
+"""The `hetero` command line. User errors print one line and exit 2; no tracebacks for them."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from hetero.errors import HeteroError
+
+
+def _load_config_file(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise HeteroError(f"--config {path}: no such file; pass a TOML or JSON file of training options")
+    try:
+        if p.suffix == ".json":
+            return dict(json.loads(p.read_text()))
+        import tomllib
+
+        return dict(tomllib.loads(p.read_text()))
+    except (ValueError, TypeError) as e:
+        raise HeteroError(f"--config {path} cannot be parsed ({e}); fix the file") from None
+
+
+def _parse_kv(text: str | None, what: str) -> dict[str, Any] | None:
+    """'a=1,b=2' -> {'a': 1.0, 'b': 2.0}; JSON objects are accepted too."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return dict(json.loads(text))
+        except ValueError as e:
+            raise HeteroError(f"{what}: invalid JSON ({e})") from None
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise HeteroError(f"{what}: expected name=value pairs separated by commas, got {part!r}")
+        k, v = part.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except ValueError:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _train_config(args: argparse.Namespace, **fixed: Any):
+    from hetero.train import TrainConfig
+
+    known = set(TrainConfig.__dataclass_fields__)
+    values = _load_config_file(args.config)
+    unknown = set(values) - known
+    if unknown:
+        raise HeteroError(f"--config: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    cli = {"model": args.model, "dim": args.dim, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+           "weight_decay": args.weight_decay, "seed": args.seed, "limit": args.limit,
+           "model_kwargs": _parse_kv(args.model_kwargs, "--model-kwargs"), "augment": args.augment or None}
+    if hasattr(args, "loss"):
+        cli["losses"] = _parse_kv(args.loss, "--loss")
+    values.update({k: v for k, v in cli.items() if v is not None})
+    values.update(fixed)
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise HeteroError(f"invalid training options ({e})") from None
+
+
+def _add_train_args(p: argparse.ArgumentParser, default_model: str) -> None:
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--data", help="dataset folder (Fashion-MNIST IDX files or an ImageFolder); default: Fashion-MNIST")
+    p.add_argument("--model", help=f"backbone name (default {default_model}; see `hetero models`)")
+    p.add_argument("--model-kwargs", help="backbone options, e.g. width=32,depth=20")
+    p.add_argument("--dim", type=int, help="embedding dim (default 128)")
+    p.add_argument("--epochs", type=int, help="epochs (default 2)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (default 0.1)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    p.add_argument("--limit", type=int, help="train on the first N images only")
+    p.add_argument("--augment", action="store_true", help="random flips and 2-px shifts")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="TOML/JSON file of training options; flags override it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from hetero.data import load_dataset
+
+    for split in ("train", "test"):
+        ds = load_dataset(args.data, split)
+        counts = {int(c): int(n) for c, n in zip(*__import__("numpy").unique(ds.labels, return_counts=True))}
+        print(f"{ds.name}: {len(ds)} images {ds.images.shape[1:]}, {len(ds.classes)} classes, per class {counts}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from hetero.cost import count_flops, count_params
+    from hetero.models import ModelSpec, create_embedding_model, list_backbones
+
+    for name in list_backbones():
+        m = create_embedding_model(ModelSpec(name, 128), 1)
+        print(f"{name:<16} params {count_params(m):>9,}  MFLOPs@1x28x28 {count_flops(m, (1, 28, 28)) / 1e6:8.2f}")
+    return 0
+
+
+def cmd_train_cloud(args: argparse.Namespace) -> int:
+    from hetero._atomic import check_writable_dest
+    from hetero.checkpoint import save_checkpoint
+    from hetero.data import FASHION_MNIST_PREPROCESS, Preprocess, load_dataset
+    from hetero.train import train_cloud
+
+    if not args.model:
+        args.model = "resnet20"
+    cfg = _train_config(args)
+    check_writable_dest(Path(args.out), args.overwrite)
+    train = load_dataset(args.data, "train")
+    c = train.images.shape[-1]
+    if train.images.shape[1:] == (28, 28, 1):
+        prep = FASHION_MNIST_PREPROCESS
+    else:  # statistics of the training images, per channel
+        x = train.images.reshape(-1, c).astype("float64") / 255.0
+        prep = Preprocess(train.images.shape[1], c, tuple(x.mean(0).tolist()), tuple(x.std(0).clip(1e-3).tolist()))
+    ckpt = train_cloud(cfg, train, prep, progress=not args.quiet)
+    save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
+    print(f"cloud checkpoint: {args.out} (space {ckpt.space[:12]}, last epoch loss {ckpt.info['history'][-1]['total']:.4f})")
+    return 0
+
+
+def cmd_train_edge(args: argparse.Namespace) -> int:
+    from hetero._atomic import check_writable_dest
+    from hetero.checkpoint import load_checkpoint, save_checkpoint
+    from hetero.data import load_dataset
+    from hetero.train import train_edge
+
+    if not args.model:
+        args.model = "mobilenet_w050"
+    cloud = load_checkpoint(args.cloud, role="cloud")
+    if args.dim is None:
+        args.dim = cloud.spec.dim
+    cfg = _train_config(args, compat=not args.no_compat)
+    check_writable_dest(Path(args.out), args.overwrite)
+    train = load_dataset(args.data, "train")
+    ckpt = train_edge(cfg, cloud, train, progress=not args.quiet)
+    save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
+    kind = "control (no compatibility loss)" if args.no_compat else f"edge in cloud space {cloud.space[:12]}"
+    print(f"{kind} checkpoint: {args.out}, last epoch {json.dumps({k: round(v, 4) for k, v in ckpt.info['history'][-1].items()})}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export import export_checkpoint
+    from hetero.checkpoint import check_same_space, load_checkpoint
+    from hetero.data import load_dataset
+
+    edge = load_checkpoint(args.edge, role=("edge", "control", "cloud"))
+    if args.cloud:
+        check_same_space(edge, load_checkpoint(args.cloud, role="cloud"))
+    from hetero._atomic import check_writable_dest
+
+    check_writable_dest(Path(args.out), args.overwrite)
+    inputs, desc = None, None
+    if args.data or args.check_real:
+        ds = load_dataset(args.data, "test").conform(edge.preprocess)
+        ds = ds.subset(min(args.check_samples, len(ds)))
+        inputs, desc = edge.preprocess.apply(ds.images), f"{ds.name} ({len(ds)} images)"
+    manifest = export_checkpoint(edge, args.out, name=args.name, check_inputs=inputs, check_desc=desc,
+                                 overwrite=args.overwrite)
+    for a in manifest["artifacts"]:
+        f = a["fidelity"]
+        print(f"{args.out}/{a['file']}: {a['format']} {a['precision']}, sha256 {a['sha256'][:12]}, vs torch on {f['inputs']}: "
+              f"min cosine {f['min_cosine']:.7f}, max abs diff {f['max_abs_diff']:.2e}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hetero.evaluate import evaluate
+
+    evaluate(args.cloud, args.edge, artifact=args.artifact, data=args.data, query_limit=args.query_limit,
+             gallery_limit=args.gallery_limit, out=args.out, progress=not args.quiet)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hetero.demo import DemoConfig, run_demo
+
+    kw = {k: getattr(args, k) for k in ("out", "data", "cloud_model", "cloud_epochs", "edge_model", "edge_epochs",
+                                          "train_limit", "gallery_limit", "query_limit", "seed") if getattr(args, k) is not None}
+    run_demo(DemoConfig(progress=not args.quiet, **kw))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hetero", description="Train, export and verify edge models compatible with a cloud embedding space.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole slice on Fashion-MNIST (quick configuration)")
+    p.add_argument("--out", help="output directory (default runs/demo; replaced atomically)")
+    p.add_argument("--data", help="Fashion-MNIST folder (default: searched, see README)")
+    p.add_argument("--cloud-model")
+    p.add_argument("--cloud-epochs", type=int)
+    p.add_argument("--edge-model")
+    p.add_argument("--edge-epochs", type=int)
+    p.add_argument("--train-limit", type=int, help="train on the first N train images (the gallery stays whole)")
+    p.add_argument("--gallery-limit", type=int, help="use the first N train images as the gallery")
+    p.add_argument("--query-limit", type=int, help="use the first N test images as queries")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-cloud", help="train the cloud embedding model (cosine-classifier cross-entropy)")
+    _add_train_args(p, "resnet20")
+    p.set_defaults(func=cmd_train_cloud)
+
+    p = sub.add_parser("train-edge", help="train an edge model into a cloud model's embedding space")
+    p.add_argument("--cloud", required=True, help="cloud checkpoint directory")
+    _add_train_args(p, "mobilenet_w050")
+    p.add_argument("--loss", help="loss weights, e.g. influence=1,alignment=1 (default)")
+    p.add_argument("--no-compat", action="store_true", help="train the control: own classifier, no compatibility loss")
+    p.set_defaults(func=cmd_train_edge)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX with manifest.json")
+    p.add_argument("--edge", required=True, help="checkpoint directory to export")
+    p.add_argument("--out", required=True, help="export directory to write")
+    p.add_argument("--cloud", help="cloud checkpoint: refuse to export an edge model from another space")
+    p.add_argument("--name", default="edge", help="artifact base name (default edge)")
+    p.add_argument("--data", help="check parity on this dataset's test images")
+    p.add_argument("--check-real", action="store_true", help="check parity on Fashion-MNIST test images (found as usual)")
+    p.add_argument("--check-samples", type=int, default=1000)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="cross-model retrieval: edge queries against the cloud gallery")
+    p.add_argument("--cloud", required=True)
+    p.add_argument("--edge", required=True)
+    p.add_argument("--artifact", help="export directory: also embed the queries through onnxruntime")
+    p.add_argument("--data", help="dataset folder (default Fashion-MNIST): test = queries, train = gallery")
+    p.add_argument("--query-limit", type=int)
+    p.add_argument("--gallery-limit", type=int)
+    p.add_argument("--out", help="write report.json and report.md to this directory")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("data", help="find (or download) the dataset and describe it")
+    p.add_argument("--data")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("models", help="list registered backbones with params and FLOPs")
+    p.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from devices.errors import DeviceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (HeteroError, DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("error: interrupted; partial outputs were discarded", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Fashion-MNIST: find it on disk (or download it once), and load a split as an ImageSet."""
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from hetero.data._idx import read_idx
+from hetero.data.imageset import ImageSet
+from hetero.errors import HeteroError
+
+CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FILES: tuple[str, ...] = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
+URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+_PREFIX = {"train": "train", "test": "t10k"}
+# Expected sample counts per file prefix, checked after a download.
+_EXPECTED = {"train": 60000, "t10k": 10000}
+_TIMEOUT_S = 10.0
+
+
+def cache_dir() -> Path:
+    """Where a downloaded copy lives: ``~/.cache/hetero/fashion-mnist``."""
+    return Path.home() / ".cache" / "hetero" / "fashion-mnist"
+
+
+def _file(root: Path, name: str) -> Path | None:
+    """``root/name`` or ``root/name.gz``, whichever exists (raw first)."""
+    for cand in (root / name, root / f"{name}.gz"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def has_fashion_mnist(root: str | Path) -> bool:
+    """True if ``root`` holds the four Fashion-MNIST IDX files (raw or .gz)."""
+    root = Path(root)
+    return root.is_dir() and all(_file(root, f) is not None for f in FILES)
+
+
+def _candidates() -> list[Path]:
+    out: list[Path] = []
+    env = os.environ.get("HETERO_DATA")
+    if env:
+        out += [Path(env).expanduser(), Path(env).expanduser() / "fashion-mnist"]
+    out += [cache_dir(), SYSTEM_DIR]
+    return out
+
+
+def find_fashion_mnist(data: str | None = None, download: bool = True) -> Path:
+    """Folder holding the four Fashion-MNIST IDX files; search order as in DESIGN.md, else download."""
+    if data is not None:
+        root = Path(data).expanduser()
+        if has_fashion_mnist(root):
+            return root
+        missing = [f for f in FILES if _file(root, f) is None] if root.is_dir() else list(FILES)
+        raise HeteroError(
+            f"--data {data}: Fashion-MNIST files not found ({', '.join(missing)}[.gz] missing); "
+            "pass a folder holding the four IDX files (raw or .gz)"
+        )
+    looked = _candidates()
+    for root in looked:
+        if has_fashion_mnist(root):
+            return root
+    reason = "download disabled"
+    if download:
+        try:
+            return _download(cache_dir())
+        except (OSError, HeteroError, http.client.HTTPException, ValueError) as e:
+            reason = f"download failed: {_one_line(e)}"
+    where = ", ".join(str(p) for p in looked)
+    raise HeteroError(
+        f"Fashion-MNIST not found (looked in {where}; {reason}); install it with "
+        "`apt-get install dataset-fashion-mnist`, or put the four IDX .gz files in a folder "
+        "and pass --data DIR or set HETERO_DATA"
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        e = e.reason if isinstance(e.reason, BaseException) else e
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _download(dest: Path) -> Path:
+    """Fetch the four .gz files into a temp dir beside ``dest``, verify, then rename into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading Fashion-MNIST (30 MB) from {URL} to {dest}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=".fashion-mnist-", dir=dest.parent))
+    try:
+        for name in FILES:
+            url = f"{URL}{name}.gz"
+            with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as r, open(tmp / f"{name}.gz", "wb") as f:
+                shutil.copyfileobj(r, f)
+        for prefix, n in _EXPECTED.items():
+            imgs = read_idx(tmp / f"{prefix}-images-idx3-ubyte.gz")
+            labels = read_idx(tmp / f"{prefix}-labels-idx1-ubyte.gz")
+            if imgs.shape != (n, 28, 28) or labels.shape != (n,):
+                raise HeteroError(
+                    f"downloaded {prefix} files have shapes {imgs.shape}/{labels.shape}, expected ({n}, 28, 28)/({n},)"
+                )
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not has_fashion_mnist(dest):  # lost a race to another process: fine if it finished
+                raise
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_fashion_mnist(root: str | Path, split: str) -> ImageSet:
+    """Load split ``"train"`` or ``"test"`` as uint8 ``[N, 28, 28, 1]`` images and int64 labels."""
+    if split not in _PREFIX:
+        raise HeteroError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
+    root = Path(root)
+    prefix = _PREFIX[split]
+    paths = []
+    for kind in ("images-idx3", "labels-idx1"):
+        p = _file(root, f"{prefix}-{kind}-ubyte")
+        if p is None:
+            raise HeteroError(
+                f"{root}: {prefix}-{kind}-ubyte[.gz] not found; pass a folder holding the four Fashion-MNIST IDX files"
+            )
+        paths.append(p)
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise HeteroError(
+            f"{paths[0]}: expected 3-D unsigned-byte images [N, H, W], got {images.dtype} {images.shape}"
+        )
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise HeteroError(f"{paths[1]}: expected 1-D integer labels [N], got {labels.dtype} {labels.shape}")
+    if len(images) != len(labels):
+        raise HeteroError(
+            f"{root}: {len(images)} images but {len(labels)} labels for split {split!r}; "
+            "the files do not belong together"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        raise HeteroError(
+            f"{paths[1]}: labels span {int(labels.min())}..{int(labels.max())}, expected 0..{len(CLASSES) - 1}"
+        )
+    return ImageSet(images[..., None], labels.astype(np.int64), CLASSES, f"fashion-mnist/{split}")

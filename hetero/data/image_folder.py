@@ -1,0 +1,137 @@
+"""ImageFolder datasets: one sub-folder per class, images of any size and channel count."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hetero.data.imageset import ImageSet
+from hetero.errors import HeteroError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
+DEFAULT_SIZE = 32
+_SPLITS = ("train", "test", "val")
+_PROGRESS_MIN = 1000
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted by relative path, hidden ones skipped."""
+    files = [
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def split_dirs(root: Path) -> dict[str, Path] | None:
+    """``{"train": ..., "test": ..., "val": ...}`` if ``root`` has train plus test/val sub-folders, else None."""
+    if not (root / "train").is_dir():
+        return None
+    test, val = root / "test", root / "val"
+    if not (test.is_dir() or val.is_dir()):
+        return None
+    return {"train": root / "train", "test": test if test.is_dir() else val, "val": val if val.is_dir() else test}
+
+
+def is_image_folder(root: str | Path) -> bool:
+    """True if ``root`` is a directory with at least one (class or split) sub-folder."""
+    root = Path(root)
+    return root.is_dir() and bool(_subdirs(root))
+
+
+def _class_files(folder: Path) -> dict[str, list[Path]]:
+    classes = _subdirs(folder)
+    if not classes:
+        raise HeteroError(
+            f"{folder}: no class sub-folders; an ImageFolder has one sub-folder per class holding its images"
+        )
+    out: dict[str, list[Path]] = {}
+    for c in classes:
+        files = _images_in(c)
+        if not files:
+            raise HeteroError(
+                f"{c}: class folder holds no images ({'/'.join(sorted(IMAGE_EXTENSIONS))}); add images or remove it"
+            )
+        out[c.name] = files
+    return out
+
+
+def _load_one(path: Path, size: int, channels: int | None) -> tuple[np.ndarray, bool]:
+    """Image as uint8 ``[size, size, 3 or 1]`` plus whether it has colour (R, G, B not all equal)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("P", "PA"):
+                im = im.convert("RGBA")
+            im = im.convert("L" if channels == 1 else "RGB")
+            im = im.resize((size, size), Image.BILINEAR) if im.size != (size, size) else im
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HeteroError(f"{path}: cannot read image ({msg}); fix or remove the file") from None
+    if arr.ndim == 2:
+        return arr[..., None], False
+    return arr, bool((arr[..., 0] != arr[..., 1]).any() or (arr[..., 1] != arr[..., 2]).any())
+
+
+def load_image_folder(
+    root: str | Path, split: str, size: int | None = None, channels: int | None = None
+) -> ImageSet:
+    """Load one split of an ImageFolder, resized to ``size`` (default 32) square.
+
+    ``root/train`` + ``root/test`` (or ``val``) are used as splits when present; otherwise each
+    class's sorted files are split deterministically: every 5th file is "test", the rest "train".
+    ``channels`` defaults to 3 if any image has colour, else 1.
+    """
+    from tqdm import tqdm
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise HeteroError(f"{root}: no such directory; pass an ImageFolder (one sub-folder per class)")
+    if split not in _SPLITS:
+        raise HeteroError(f"unknown split {split!r}; use one of {', '.join(_SPLITS)}")
+    size = DEFAULT_SIZE if size is None else size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise HeteroError(f"image size must be a positive integer, got {size!r}")
+    if channels not in (None, 1, 3):
+        raise HeteroError(f"channels must be 1 or 3, got {channels!r}")
+
+    dirs = split_dirs(root)
+    if dirs is not None:
+        # classes are the union over all split folders, so labels agree between splits
+        per_dir = {d: _class_files(d) for d in set(dirs.values())}
+        classes = sorted(set().union(*per_dir.values()))
+        folder = dirs[split]
+        files = per_dir[folder]
+        hint = "add images to it"
+    else:
+        all_files = _class_files(root)
+        classes = sorted(all_files)
+        want_test = split != "train"
+        files = {c: [f for i, f in enumerate(fs) if (i % 5 == 4) == want_test] for c, fs in all_files.items()}
+        folder = root
+        hint = "every 5th file per class goes to 'test': add images, or use train/ and test/ sub-folders"
+    index = {c: i for i, c in enumerate(classes)}
+    items = [(f, index[c]) for c in sorted(files) for f in files[c]]
+    if not items:
+        raise HeteroError(f"{folder}: split {split!r} has no images; {hint}")
+
+    arrays: list[np.ndarray] = []
+    color = False
+    for path, _ in tqdm(items, desc=f"loading {folder.name}/{split}", file=sys.stderr,
+                        disable=len(items) <= _PROGRESS_MIN, unit="img"):
+        arr, has_color = _load_one(path, size, channels)
+        arrays.append(arr)
+        color |= has_color
+    images = np.stack(arrays)
+    if channels is None and not color:
+        images = np.ascontiguousarray(images[..., :1])
+    labels = np.array([y for _, y in items], dtype=np.int64)
+    return ImageSet(images, labels, tuple(classes), f"folder:{root.resolve()}/{split}")

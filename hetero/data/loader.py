@@ -1,0 +1,120 @@
+"""One entry point from ``--data`` to an ImageSet, and batching into preprocessed torch tensors."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hetero.data.fashion_mnist import FILES, find_fashion_mnist, has_fashion_mnist, load_fashion_mnist
+from hetero.data.image_folder import is_image_folder, load_image_folder
+from hetero.data.imageset import ImageSet, Preprocess
+from hetero.data.synthetic import synthetic_dataset
+from hetero.errors import HeteroError
+
+SYNTHETIC = "synthetic"
+_CROP_PAD = 2
+
+
+def load_dataset(
+    data: str | None,
+    split: str,
+    *,
+    download: bool = True,
+    size: int | None = None,
+    channels: int | None = None,
+) -> ImageSet:
+    """Resolve ``--data`` and load ``split`` ("train" or "test").
+
+    ``None``: Fashion-MNIST wherever it is found (or downloaded); ``"synthetic"``: the unit-test
+    set; a folder: Fashion-MNIST IDX files or an ImageFolder. ``size``/``channels`` only steer how
+    ImageFolder images are decoded (use ``ImageSet.conform`` to match a model's preprocessing).
+    """
+    if split not in ("train", "test"):
+        raise HeteroError(f"unknown split {split!r}; use 'train' or 'test'")
+    if data is None:
+        return load_fashion_mnist(find_fashion_mnist(None, download=download), split)
+    if data == SYNTHETIC:
+        train = split == "train"
+        return synthetic_dataset(2000 if train else 500, seed=0 if train else 1, name=f"synthetic/{split}")
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise HeteroError(
+            f"--data {data}: no such directory; pass a folder with the Fashion-MNIST IDX files "
+            "or an ImageFolder (one sub-folder per class)"
+        )
+    if not root.is_dir():
+        raise HeteroError(
+            f"--data {data}: is a file, not a directory; pass a folder with the Fashion-MNIST IDX files "
+            "or an ImageFolder (one sub-folder per class)"
+        )
+    if has_fashion_mnist(root):
+        return load_fashion_mnist(root, split)
+    if is_image_folder(root):
+        return load_image_folder(root, split, size=size, channels=channels)
+    raise HeteroError(
+        f"--data {data}: neither the four Fashion-MNIST IDX files ({', '.join(FILES)}, raw or .gz) "
+        "nor class sub-folders found; pass one of those layouts"
+    )
+
+
+def iterate_batches(
+    ds: ImageSet,
+    prep: Preprocess,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    augment: bool = False,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches ``(x float32 [B,C,H,W], y int64 [B], idx int64 [B])``, preprocessed one at a time.
+
+    ``shuffle`` permutes with ``seed`` (pass a different seed per epoch). ``augment`` adds a random
+    horizontal flip and a random crop after padding 2 px of black (fill 0 before normalisation,
+    as torchvision does), drawn from a generator seeded with ``seed``. Arguments are checked at
+    call time, not at the first ``next``.
+    """
+    want = (prep.size, prep.size, prep.channels)
+    if tuple(ds.images.shape[1:]) != want:
+        h, w, c = ds.images.shape[1:]
+        raise HeteroError(
+            f"{ds.name}: images are {h}x{w}x{c} but the preprocessing expects {want[0]}x{want[1]}x{want[2]}; "
+            "call ds.conform(prep) first"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HeteroError(f"batch size must be a positive integer, got {batch_size!r}")
+    return _batches(ds, prep, batch_size, shuffle, seed, augment, drop_last)
+
+
+def _batches(
+    ds: ImageSet, prep: Preprocess, batch_size: int, shuffle: bool, seed: int, augment: bool, drop_last: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    n = len(ds)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    gen = torch.Generator().manual_seed(seed) if augment else None
+    fill = torch.tensor([-m / s for m, s in zip(prep.mean, prep.std)], dtype=torch.float32)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        x = torch.from_numpy(prep.apply(ds.images[idx]))
+        if gen is not None:
+            x = _augment(x, fill, gen)
+        yield x, torch.from_numpy(ds.labels[idx]), torch.from_numpy(idx.astype(np.int64))
+
+
+def _augment(x: torch.Tensor, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random horizontal flip, then random crop from a ``_CROP_PAD``-padded copy."""
+    b, c, h, w = x.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    p = _CROP_PAD
+    padded = fill.view(1, c, 1, 1).expand(b, c, h + 2 * p, w + 2 * p).clone()
+    padded[:, :, p:p + h, p:p + w] = x
+    oy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
+    ox = torch.randint(0, 2 * p + 1, (b,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h))[:, :, None]   # [B, H, 1]
+    cols = (ox[:, None] + torch.arange(w))[:, None, :]   # [B, 1, W]
+    out = padded[torch.arange(b)[:, None, None], :, rows, cols]  # advanced dims first: [B, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,97 @@
+"""Cross-model retrieval check: cloud gallery x edge queries (torch and exported artifacts)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hetero.errors import HeteroError
+
+
+def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: dict[str, Path] | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Embed and score: paragon (cloud->cloud), X->X and X->cloud for every edge/control model ``X``,
+    and X->cloud through onnxruntime for every ``artifacts[X]`` export directory.
+
+    Returns ``{"retrieval": rows, "exports": rows}``. Every model must live in the cloud's space except
+    controls, which are compared on purpose.
+    """
+    from hetero.checkpoint import check_same_space
+    from hetero.embed import cloud_targets, embed_images
+    from hetero.report import retrieval_row
+
+    artifacts = artifacts or {}
+    for name, ckpt in edges.items():
+        if ckpt.role != "control":
+            check_same_space(ckpt, cloud)
+    prep = cloud.preprocess
+    queries, gallery = queries.conform(prep), gallery.conform(prep)
+    ql, gl = queries.labels, gallery.labels
+    g_cloud = np.asarray(cloud_targets(cloud, gallery, progress=progress))
+    q_cloud = embed_images(cloud.model, queries, prep, progress=progress, desc="cloud queries")
+    rows = [retrieval_row("cloud", "cloud", "torch", q_cloud, ql, g_cloud, gl)]
+    exports = []
+    q_inputs = None
+    for name, ckpt in edges.items():
+        q = embed_images(ckpt.model, queries, prep, progress=progress, desc=f"{name} queries")
+        if ckpt.role != "control":
+            g = embed_images(ckpt.model, gallery, prep, progress=progress, desc=f"{name} gallery")
+            rows.append(retrieval_row(name, name, "torch", q, ql, g, gl))
+        rows.append(retrieval_row(name, "cloud", "torch", q, ql, g_cloud, gl))
+        if name in artifacts:
+            from devices import create_runner, open_artifact
+            from export import fidelity
+
+            art = open_artifact(artifacts[name], "onnx")
+            if art.space != cloud.space:
+                raise HeteroError(f"artifact {artifacts[name]} was exported from cloud space {art.space[:12]}, not the "
+                                  f"given cloud's {cloud.space[:12]}; export the edge model trained against this cloud")
+            if q_inputs is None:
+                q_inputs = prep.apply(queries.images)
+            with create_runner(artifacts[name], "onnxruntime") as runner:
+                q_art = runner.embed(q_inputs)
+                runtime = runner.runtime
+            rows.append(retrieval_row(name, "cloud", runtime, q_art, ql, g_cloud, gl))
+            fid = fidelity(q, q_art)
+            exports.append({"edge": name, "format": art.format, "precision": art.entry.get("precision"),
+                            "path": str(art.path), "sha256": art.entry["sha256"], "min_cosine": fid["min_cosine"],
+                            "max_abs_diff": fid["max_abs_diff"], "num_inputs": len(q_inputs), "runtime": runtime,
+                            "label": "measured"})
+    return {"retrieval": rows, "exports": exports}
+
+
+def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, data: str | None = None,
+             query_limit: int | None = None, gallery_limit: int | None = None, out: str | None = None,
+             progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`hetero evaluate`: test split = queries, train split = gallery."""
+    from hetero._atomic import atomic_dir, write_json_atomic, write_text_atomic
+    from hetero.checkpoint import load_checkpoint
+    from hetero.data import load_dataset
+    from hetero.report import compatibility, format_table, host_info, model_row, render_markdown
+
+    cloud = load_checkpoint(cloud_path, role="cloud")
+    edge = load_checkpoint(edge_path, role=("edge", "control"))
+    name = edge.role
+    queries, gallery = load_dataset(data, "test"), load_dataset(data, "train")
+    if tuple(queries.classes) != tuple(gallery.classes):
+        raise HeteroError("the dataset's test and train splits have different classes; fix the folders")
+    queries = queries.subset(query_limit) if query_limit else queries
+    gallery = gallery.subset(gallery_limit) if gallery_limit else gallery
+    scored = score_models(cloud, {name: edge}, queries, gallery,
+                          artifacts={name: Path(artifact)} if artifact else None, progress=progress, log=log)
+    report = {
+        "title": f"hetero evaluate: {edge_path} against {cloud_path}",
+        "queries": f"{queries.name} ({len(queries)})", "gallery": f"{gallery.name} ({len(gallery)}), cloud-embedded",
+        "host": host_info(), "models": [model_row("cloud", cloud), model_row(name, edge)],
+        **scored, "compatibility": compatibility(scored["retrieval"], [name] if name == "edge" else [], "cloud"),
+    }
+    log(format_table(report["retrieval"]))
+    for c in report["compatibility"]:
+        log(f"compatibility criterion (edge->cloud > edge->edge): {'met' if c['criterion_met'] else 'NOT met'}")
+    if out:
+        with atomic_dir(out, overwrite=True) as tmp:
+            write_json_atomic(tmp / "report.json", report)
+            write_text_atomic(tmp / "report.md", render_markdown(report))
+        log(f"report: {out}/report.json")
+    return report

@@ -1,0 +1,82 @@
+"""Embedding model (backbone -> projection -> L2 norm) and the cosine classifier."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero.errors import HeteroError
+from hetero.models.registry import create_backbone
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """JSON-serialisable description of an embedding model: enough to rebuild it before loading weights."""
+
+    backbone: str
+    dim: int = 128
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        try:
+            return cls(backbone=str(d["backbone"]), dim=int(d["dim"]), backbone_kwargs=dict(d.get("backbone_kwargs", {})))
+        except (KeyError, TypeError, ValueError) as e:
+            raise HeteroError(f"model description is malformed ({e!r}); the checkpoint JSON is damaged") from None
+
+
+class EmbeddingModel(nn.Module):
+    """backbone -> linear projection to ``dim`` -> L2 normalisation. Output [N, dim], float32, unit norm."""
+
+    def __init__(self, backbone: nn.Module, dim: int):
+        super().__init__()
+        if dim < 2:
+            raise HeteroError(f"embedding dim must be >= 2, got {dim}")
+        self.backbone = backbone
+        self.proj = nn.Linear(backbone.out_features, dim)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.backbone(x)), dim=1)
+
+
+def create_embedding_model(spec: ModelSpec, in_channels: int) -> EmbeddingModel:
+    kwargs = {**spec.backbone_kwargs, "in_channels": in_channels}
+    return EmbeddingModel(create_backbone(spec.backbone, **kwargs), spec.dim)
+
+
+class CosineClassifier(nn.Module):
+    """Logits = s * cos(w_c, e), with an optional additive margin m on the target class (CosFace).
+
+    The margin applies only when labels are given (training); frozen, this is the BCT "influence" head.
+    """
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 16.0, margin: float = 0.0):
+        super().__init__()
+        if num_classes < 2:
+            raise HeteroError(f"a classifier needs at least 2 classes, got {num_classes}")
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) * dim**-0.5)
+        self.scale = float(scale)
+        self.margin = float(margin)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def cosine(self, emb: torch.Tensor) -> torch.Tensor:
+        return F.normalize(emb, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        cos = self.cosine(emb)
+        if labels is not None and self.margin:
+            cos = cos - self.margin * F.one_hot(labels, cos.shape[1]).to(cos.dtype)
+        return self.scale * cos
+
+    def config(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "scale": self.scale, "margin": self.margin}

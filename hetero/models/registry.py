@@ -1,0 +1,25 @@
+"""The backbone registry: one ``create_backbone(name, **kw)`` entry point, tiny ``test_*`` variants included."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from hetero.registry import Registry
+
+BACKBONES: Registry[nn.Module] = Registry("backbone")
+register_backbone = BACKBONES.register
+
+
+def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """Build a backbone by registered name. A backbone maps [N,C,H,W] to [N, out_features]."""
+    try:
+        return BACKBONES.create(name, **kwargs)
+    except TypeError as e:
+        from hetero.errors import HeteroError
+
+        raise HeteroError(f"backbone {name!r} does not take these options ({e}); check the model kwargs") from None
+
+
+def list_backbones(prefix: str = "") -> list[str]:
+    return BACKBONES.names(prefix)

@@ -1,0 +1,95 @@
+"""Cross-model retrieval report: rows of (query model, gallery model, runtime) -> metrics, the
+compatibility criterion, exports; rendered as JSON and markdown."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+from typing import Any
+
+import numpy as np
+
+from hetero.cost import count_flops, count_params
+from hetero.metrics import retrieval_metrics
+
+
+def host_info() -> dict[str, Any]:
+    import torch
+
+    return {
+        "machine": platform.machine(), "system": platform.system(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def model_row(name: str, ckpt) -> dict[str, Any]:
+    return {
+        "name": name, "role": ckpt.role, "backbone": ckpt.spec.backbone, "params": count_params(ckpt.model),
+        "flops": count_flops(ckpt.model, ckpt.input_shape), "space": ckpt.space, "fingerprint": ckpt.fingerprint,
+    }
+
+
+def retrieval_row(query_model: str, gallery_model: str, runtime: str, q: np.ndarray, q_labels: np.ndarray,
+                  g: np.ndarray, g_labels: np.ndarray, *, exclude_self: bool = False) -> dict[str, Any]:
+    m = retrieval_metrics(q, q_labels, g, g_labels, exclude_self=exclude_self)
+    return {"query_model": query_model, "gallery_model": gallery_model, "runtime": runtime,
+            "map_at_r": m["map_at_r"], "recall_at_1": m["recall_at_1"], "recall_at_10": m["recall_at_10"],
+            "num_queries": m["num_queries"], "num_gallery": m["num_gallery"]}
+
+
+def _find(rows: list[dict[str, Any]], q: str, g: str, runtime: str = "torch") -> dict[str, Any] | None:
+    return next((r for r in rows if r["query_model"] == q and r["gallery_model"] == g and r["runtime"].startswith(runtime)), None)
+
+
+def compatibility(rows: list[dict[str, Any]], edges: list[str], cloud: str) -> list[dict[str, Any]]:
+    """The compatibility criterion (Shen et al. 2020): edge->cloud mAP@R above edge->edge mAP@R."""
+    paragon = _find(rows, cloud, cloud)
+    out = []
+    for e in edges:
+        het, hom = _find(rows, e, cloud), _find(rows, e, e)
+        if het is None or hom is None or paragon is None:
+            continue
+        out.append({"edge": e, "criterion_met": bool(het["map_at_r"] > hom["map_at_r"]),
+                    "edge_to_cloud_map_at_r": het["map_at_r"], "edge_to_edge_map_at_r": hom["map_at_r"],
+                    "gap_to_paragon_map_at_r": paragon["map_at_r"] - het["map_at_r"]})
+    return out
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    host = report.get("host", {})
+    lines = [f"# {report.get('title', 'hetero report')}", ""]
+    lines.append(f"Measured on {host.get('processor', '?')} ({host.get('cpu_count', '?')} CPUs), "
+                 f"{host.get('system', '?')}, torch {host.get('torch', '?')}, {host.get('date', '?')}. "
+                 f"Queries: {report.get('queries', '?')}; gallery: {report.get('gallery', '?')}.")
+    lines += ["", "## Retrieval", "", "| query model | gallery model | query runtime | mAP@R | R@1 | R@10 |", "|---|---|---|---|---|---|"]
+    for r in report["retrieval"]:
+        lines.append(f"| {r['query_model']} | {r['gallery_model']} | {r['runtime']} | {r['map_at_r']:.4f} | "
+                     f"{r['recall_at_1']:.4f} | {r['recall_at_10']:.4f} |")
+    lines += ["", "## Models", "", "| name | role | backbone | params | MFLOPs |", "|---|---|---|---|---|"]
+    for m in report["models"]:
+        lines.append(f"| {m['name']} | {m['role']} | {m['backbone']} | {m['params']:,} | {m['flops'] / 1e6:.2f} |")
+    if report.get("compatibility"):
+        lines += ["", "## Compatibility (edge->cloud mAP@R > edge->edge mAP@R)", "",
+                  "| edge | criterion met | edge->cloud | edge->edge | gap to paragon |", "|---|---|---|---|---|"]
+        for c in report["compatibility"]:
+            lines.append(f"| {c['edge']} | {'yes' if c['criterion_met'] else 'NO'} | {c['edge_to_cloud_map_at_r']:.4f} | "
+                         f"{c['edge_to_edge_map_at_r']:.4f} | {c['gap_to_paragon_map_at_r']:.4f} |")
+    if report.get("exports"):
+        lines += ["", "## Exports (parity with torch, measured)", "", "| edge | format | file | sha256 | min cosine | max abs diff |",
+                  "|---|---|---|---|---|---|"]
+        for x in report["exports"]:
+            lines.append(f"| {x['edge']} | {x['format']} | {x['path']} | {x['sha256'][:12]} | {x['min_cosine']:.7f} | {x['max_abs_diff']:.2e} |")
+    if report.get("timings_s"):
+        lines += ["", "## Timings (s, measured)", "", "| step | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'query':<10} {'gallery':<10} {'runtime':<38} {'mAP@R':>7} {'R@1':>7} {'R@10':>7}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        out.append(f"{r['query_model']:<10} {r['gallery_model']:<10} {r['runtime'][:38]:<38} {r['map_at_r']:>7.4f} "
+                   f"{r['recall_at_1']:>7.4f} {r['recall_at_10']:>7.4f}")
+    return "\n".join(out)

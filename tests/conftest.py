@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models trained for one epoch on synthetic data, a private cache dir."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    old = os.environ.get("HETERO_CACHE")
+    os.environ["HETERO_CACHE"] = str(tmp_path_factory.mktemp("hetero-cache"))
+    yield
+    if old is None:
+        os.environ.pop("HETERO_CACHE", None)
+    else:
+        os.environ["HETERO_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def synth():
+    from hetero.data import synthetic_dataset
+
+    return synthetic_dataset(600, seed=0, name="synthetic/train"), synthetic_dataset(200, seed=1, name="synthetic/test")
+
+
+@pytest.fixture(scope="session")
+def prep():
+    from hetero.data import FASHION_MNIST_PREPROCESS
+
+    return FASHION_MNIST_PREPROCESS
+
+
+@pytest.fixture(scope="session")
+def tiny_cloud(synth, prep):
+    from hetero.train import TrainConfig, train_cloud
+
+    return train_cloud(TrainConfig(model="test_resnet", dim=16, epochs=6, batch_size=32), synth[0], prep, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_edge(tiny_cloud, synth):
+    from hetero.train import TrainConfig, train_edge
+
+    return train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=5, batch_size=32), tiny_cloud, synth[0], progress=False)
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory, tiny_cloud, tiny_edge):
+    """The tiny cloud and edge saved as checkpoints, plus an ONNX export of the edge."""
+    from export import export_checkpoint
+    from hetero.checkpoint import load_checkpoint, save_checkpoint
+
+    root = tmp_path_factory.mktemp("saved")
+    save_checkpoint(tiny_cloud, root / "cloud")
+    save_checkpoint(tiny_edge, root / "edge")
+    export_checkpoint(load_checkpoint(root / "edge"), root / "export", name="edge")
+    return root

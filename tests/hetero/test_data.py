@@ -1,0 +1,321 @@
+"""Tests for hetero.data: IDX parsing, preprocessing, ImageFolder, Fashion-MNIST lookup, batching."""
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hetero.data import (
+    FASHION_MNIST_PREPROCESS,
+    ImageSet,
+    Preprocess,
+    find_fashion_mnist,
+    iterate_batches,
+    load_dataset,
+    load_fashion_mnist,
+    load_image_folder,
+    read_idx,
+    synthetic_dataset,
+)
+from hetero.data import fashion_mnist as fm
+from hetero.errors import HeteroError
+
+SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FM = FASHION_MNIST_PREPROCESS
+raises = partial(pytest.raises, HeteroError)
+
+
+def idx_bytes(arr: np.ndarray, code: int, be: str) -> bytes:
+    """Hand-built IDX: magic 00 00 <code> <ndim>, big-endian int32 dims, big-endian data."""
+    return struct.pack(f">BBBB{arr.ndim}i", 0, 0, code, arr.ndim, *arr.shape) + arr.astype(be).tobytes()
+
+
+def write(path: Path, data: bytes, gz: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+CASES = [  # (IDX type code, big-endian dtype, values)
+    (0x08, ">u1", np.array([[0, 1, 255], [7, 128, 3]], np.uint8)),
+    (0x09, ">i1", np.array([-128, -1, 0, 127], np.int8)),
+    (0x0B, ">i2", np.array([[-300, 2], [32767, -32768]], np.int16)),
+    (0x0C, ">i4", np.arange(24, dtype=np.int32).reshape(2, 3, 4) * -70001),
+    (0x0D, ">f4", np.array([1.5, -2.25, 3e10], np.float32)),
+    (0x0E, ">f8", np.array([[np.pi], [-1e-300]])),
+]
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+@pytest.mark.parametrize("code,be,arr", CASES, ids=[hex(c[0]) for c in CASES])
+def test_read_idx_values(tmp_path, code, be, arr, gz):
+    out = read_idx(write(tmp_path / "x.idx", idx_bytes(arr, code, be), gz))
+    assert out.shape == arr.shape and out.dtype == arr.dtype and out.dtype.byteorder in ("=", "|")
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_read_idx_by_hand_empty_missing(tmp_path):
+    raw = b"\x00\x00\x0b\x01" + b"\x00\x00\x00\x02" + b"\x01\x02" + b"\xff\xfe"
+    np.testing.assert_array_equal(read_idx(write(tmp_path / "s", raw)), [0x0102, -2])
+    empty = idx_bytes(np.zeros((0, 28, 28), np.uint8), 0x08, ">u1")
+    assert read_idx(write(tmp_path / "e", empty)).shape == (0, 28, 28)
+    with raises(match="no such IDX file"):
+        read_idx(tmp_path / "nope")
+
+
+GOOD = idx_bytes(np.arange(12, dtype=np.uint8).reshape(3, 4), 0x08, ">u1")
+BLOB = gzip.compress(GOOD)
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"\x01\x00" + GOOD[2:], "bad magic"), (b"", "bad magic"),
+    (GOOD[:2] + b"\x07" + GOOD[3:], "unknown IDX data type code 0x07"), (GOOD[:10], "truncated IDX header"),
+    (GOOD[:-1], "need 12"), (GOOD + b"\x00", "need 12"),
+    (gzip.compress(GOOD[:-1]), "need 12"), (BLOB[: len(BLOB) // 2], "truncated gzip"),
+], ids=["magic", "empty", "dtype", "header", "short", "long", "gz-short-data", "gz-truncated"])
+def test_read_idx_corrupt(tmp_path, data, match):
+    p = write(tmp_path / "bad.idx", data)
+    with raises(match=match) as e:
+        read_idx(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_preprocess_apply_by_hand_and_dict():
+    prep = Preprocess(2, 3, (0.5, 0.25, 0.0), (0.5, 2.0, 1.0))
+    img = np.array([[[0, 255, 51], [255, 0, 102]], [[51, 51, 51], [204, 153, 0]]], dtype=np.uint8)[None]
+    out = prep.apply(img)
+    assert out.shape == (1, 3, 2, 2) and out.dtype == np.float32
+    for c, y, x in np.ndindex(3, 2, 2):
+        assert out[0, c, y, x] == pytest.approx((img[0, y, x, c] / 255.0 - prep.mean[c]) / prep.std[c], abs=1e-6)
+    with raises(match=r"\[N, 28, 28, 1\]"):
+        FM.apply(np.zeros((2, 28, 28, 3), np.uint8))
+    for bad in (np.zeros((2, 28, 28, 1), np.float32), np.zeros((28, 28, 1), np.uint8)):
+        with raises(match="uint8"):
+            FM.apply(bad)
+    p = Preprocess(32, 3, (0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+    assert Preprocess.from_dict(p.to_dict()) == p and Preprocess.from_dict(FM.to_dict()) == FM
+    for bad in ({"size": 0}, {"channels": 2, "mean": [0, 0], "std": [1, 1]}, {"channels": 3}, {"std": [0]},
+                {"mean": ["a"]}, {"extra": 1}):
+        with raises():
+            Preprocess.from_dict({**FM.to_dict(), **bad})
+    with raises():
+        Preprocess.from_dict([28, 1])
+
+
+def test_imageset_subset_digest_conform():
+    ds = synthetic_dataset(30, num_classes=3, size=10)
+    sub, picked = ds.subset(5), ds.subset([3, 1])
+    assert len(ds) == 30 and len(sub) == 5 and sub.name == "synthetic[:5]" and picked.labels.tolist() == [0, 1]
+    assert ds.digest() == ds.digest() == synthetic_dataset(30, num_classes=3, size=10).digest()
+    assert ds.digest() != sub.digest() and len(ds.digest()) == 64
+    rgb = ds.conform(Preprocess(16, 3, (0.5,) * 3, (0.5,) * 3))
+    assert ds.conform(Preprocess(10, 1, (0.5,), (0.5,))) is ds and rgb.images.shape == (30, 16, 16, 3)
+    np.testing.assert_array_equal(rgb.images[..., 0], rgb.images[..., 2])
+    back = rgb.conform(Preprocess(16, 1, (0.5,), (0.5,)))
+    np.testing.assert_array_equal(back.images[..., 0], rgb.images[..., 0])  # luma of grey is grey
+    red = ImageSet(np.array([[[[255, 0, 0]]]], np.uint8), np.array([0]), ("a",), "c")
+    assert red.conform(Preprocess(1, 1, (0.0,), (1.0,))).images[0, 0, 0, 0] == 76  # 0.299 * 255
+    with raises(match="labels"):
+        ImageSet(np.zeros((2, 4, 4, 1), np.uint8), np.array([0, 5]), ("a", "b"), "x")
+
+
+def test_synthetic_determinism_balance_and_shared_templates():
+    a, b, c = (synthetic_dataset(100, seed=s) for s in (3, 3, 4))
+    assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)
+    assert a.images.shape == (100, 28, 28, 1) and a.images.dtype == np.uint8 and np.bincount(a.labels).min() == 10
+    # different seeds share class templates: nearest class mean from one set classifies the other
+    tr, te = synthetic_dataset(300, seed=0), synthetic_dataset(100, seed=1)
+    means = np.stack([tr.images[tr.labels == k].reshape(-1, 784).mean(0) for k in range(10)])
+    d = ((te.images.reshape(-1, 1, 784).astype(float) - means[None]) ** 2).sum(-1)
+    assert (d.argmin(1) == te.labels).mean() > 0.9
+    assert synthetic_dataset(7, num_classes=3, size=12, channels=3).images.shape == (7, 12, 12, 3)
+
+
+def save(path: Path, mode: str = "L", size: tuple[int, int] = (4, 4), color=0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+
+
+def test_image_folder_layouts_modes_and_sizes(tmp_path):
+    save(tmp_path / "train/cat/a.png", "L", (20, 10), 100)
+    save(tmp_path / "train/cat/b.PNG", "RGB", (7, 7), (10, 20, 30))
+    save(tmp_path / "train/dog/c.png", "RGBA", (40, 40), (200, 0, 0, 128))
+    (tmp_path / "train/dog/notes.txt").write_text("ignored")
+    save(tmp_path / "test/dog/d.png", "L", (5, 5), 50)
+    save(tmp_path / "test/emu/e.png", "L", (5, 5), 60)
+    tr = load_image_folder(tmp_path, "train", size=8)
+    assert tr.images.shape == (3, 8, 8, 3) and tr.images.dtype == np.uint8
+    assert tr.classes == ("cat", "dog", "emu") and tr.labels.tolist() == [0, 0, 1]
+    assert (tr.images[0] == 100).all() and tr.name == f"folder:{tmp_path.resolve()}/train"
+    assert tr.images[1, 0, 0].tolist() == [10, 20, 30] and tr.images[2, 3, 3].tolist() == [200, 0, 0]
+    te = load_image_folder(tmp_path, "test", size=8)
+    assert te.images.shape == (2, 8, 8, 1)  # all grey -> one channel by default
+    assert te.classes == tr.classes and te.labels.tolist() == [1, 2] and (te.images[0] == 50).all()
+    grey = load_image_folder(tmp_path, "train", size=4, channels=1)
+    assert grey.images.shape == (3, 4, 4, 1) and grey.images[2, 0, 0, 0] == 60  # luma(200, 0, 0)
+    assert load_image_folder(tmp_path, "test").images.shape == (2, 32, 32, 1)  # default size
+    save(tmp_path / "sv/train/a/x.png", "L", (4, 4), 1)
+    save(tmp_path / "sv/val/a/y.jpg", "L", (4, 4), 2)
+    assert len(load_image_folder(tmp_path / "sv", "test", size=4)) == 1
+    flat = tmp_path / "flat"  # no train/test sub-folders: every 5th sorted file per class is "test"
+    for k in range(12):
+        save(flat / "a" / f"{k:02d}.png", "L", (6, 6), k)
+    for k in range(5):
+        save(flat / "b" / f"{k}.bmp", "RGB", (3, 9), (k, 0, 0))
+    ftr, fte = load_image_folder(flat, "train", size=6), load_image_folder(flat, "test", size=6)
+    assert ftr.classes == fte.classes == ("a", "b") and fte.labels.tolist() == [0, 0, 1] and len(ftr) == 14
+    assert fte.images[:2, 0, 0, 0].tolist() == [4, 9]  # files 04 and 09
+    assert fte.images.shape[-1] == ftr.images.shape[-1] == 3  # class b has colour
+
+
+@pytest.mark.parametrize("files,split,match", [
+    ({}, "train", "no class sub-folders"),
+    ({"c/readme.txt": b"x"}, "train", "holds no images"),
+    ({"c/ok.png": None, "c/broken.png": b"not a png"}, "train", "broken.png: cannot read image"),
+    ({"c/only.png": None}, "test", "split .test. has no images; every 5th file"),
+], ids=["no-classes", "empty-class", "unreadable", "empty-split"])
+def test_image_folder_errors(tmp_path, files, split, match):
+    (tmp_path / "d").mkdir()
+    for name, data in files.items():
+        save(tmp_path / "d" / name) if data is None else write(tmp_path / "d" / name, data)
+    with raises(match=match) as e:
+        load_image_folder(tmp_path / "d", split)
+    assert "\n" not in str(e.value)
+    with raises(match="no such directory"):
+        load_image_folder(tmp_path / "missing", "train")
+
+
+def make_fmnist(root: Path, n_train: int = 12, n_test: int = 5, gz: bool = True) -> Path:
+    rng, sfx = np.random.default_rng(0), ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        write(root / f"{prefix}-images-idx3-ubyte{sfx}", idx_bytes(imgs, 0x08, ">u1"), gz)
+        write(root / f"{prefix}-labels-idx1-ubyte{sfx}", idx_bytes(np.arange(n) % 10, 0x08, ">u1"), gz)
+    return root
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):  # lookups see an empty HOME, no HETERO_DATA, no system dataset
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HETERO_DATA", raising=False)
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "no-system")
+
+
+def test_find_and_load_fashion_mnist(tmp_path, monkeypatch, isolated):
+    with raises(match="Fashion-MNIST not found .*apt-get install dataset-fashion-mnist.*HETERO_DATA") as e:
+        find_fashion_mnist(None, download=False)
+    assert "\n" not in str(e.value)
+    raw, root = make_fmnist(tmp_path / "raw", gz=False), make_fmnist(tmp_path / "fm")
+    assert find_fashion_mnist(str(raw), download=False) == raw and len(load_fashion_mnist(raw, "test")) == 5
+    monkeypatch.setenv("HETERO_DATA", str(root))
+    assert find_fashion_mnist(None, download=False) == root
+    monkeypatch.delenv("HETERO_DATA")
+    cache = make_fmnist(fm.cache_dir())
+    assert find_fashion_mnist(None, download=False) == cache
+    tr = load_fashion_mnist(root, "train")
+    assert tr.images.shape == (12, 28, 28, 1) and tr.labels.dtype == np.int64 and tr.name == "fashion-mnist/train"
+    assert tr.classes[0] == "T-shirt/top" and tr.classes[9] == "Ankle boot" and len(tr.classes) == 10
+    assert len(load_dataset(str(root), "test")) == 5
+    (next(root.glob("t10k-labels-idx1-ubyte*"))).unlink()
+    with raises(match=r"--data .*: Fashion-MNIST files not found \(t10k-labels-idx1-ubyte\[\.gz\] missing\)"):
+        find_fashion_mnist(str(root), download=False)
+    for labels, match in ((np.zeros(4), "5 images but 4 labels"), (np.full(5, 10), "labels span 10..10")):
+        write(raw / "t10k-labels-idx1-ubyte", idx_bytes(labels, 0x08, ">u1"))
+        with raises(match=match):
+            load_fashion_mnist(raw, "test")
+    write(raw / "t10k-images-idx3-ubyte", idx_bytes(np.zeros((5, 784)), 0x08, ">u1"))
+    with raises(match="3-D unsigned-byte"):
+        load_fashion_mnist(raw, "test")
+    with raises(match="unknown Fashion-MNIST split"):
+        load_fashion_mnist(raw, "val")
+
+
+def test_download_verified_atomic_and_failure_leaves_nothing(tmp_path, monkeypatch, isolated):
+    src, timeouts = make_fmnist(tmp_path / "src", n_train=6, n_test=3), []
+    monkeypatch.setattr(fm, "_EXPECTED", {"train": 6, "t10k": 3})
+
+    def fake_urlopen(url, timeout):
+        timeouts.append(timeout)
+        if not src.exists():
+            raise fm.urllib.error.URLError(OSError("network is unreachable"))
+        return open(src / url.rsplit("/", 1)[1], "rb")
+
+    monkeypatch.setattr(fm.urllib.request, "urlopen", fake_urlopen)
+    got = find_fashion_mnist(None)
+    assert got == fm.cache_dir() and timeouts == [10.0] * 4 and len(load_fashion_mnist(got, "test")) == 3
+    assert [p.name for p in got.parent.iterdir()] == ["fashion-mnist"]
+    shutil.rmtree(got)  # a download with the wrong shapes is rejected and nothing is left
+    monkeypatch.setattr(fm, "_EXPECTED", {"train": 60000, "t10k": 10000})
+    with raises(match="download failed: downloaded train files have shapes"):
+        find_fashion_mnist(None)
+    shutil.rmtree(src)
+    with raises(match="download failed: network is unreachable.*HETERO_DATA"):
+        find_fashion_mnist(None)
+    assert list(got.parent.iterdir()) == []
+
+
+@pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_test_split():
+    ds = load_fashion_mnist(SYSTEM_FMNIST, "test")
+    assert ds.images.shape == (10000, 28, 28, 1) and ds.images.dtype == np.uint8
+    assert ds.labels.min() == 0 and ds.labels.max() == 9 and np.bincount(ds.labels).tolist() == [1000] * 10
+
+
+def test_load_dataset_dispatch(tmp_path):
+    tr, te = load_dataset("synthetic", "train"), load_dataset("synthetic", "test")
+    assert (len(tr), len(te)) == (2000, 500) and tr.name == "synthetic/train" and tr.digest() != te.digest()
+    save(tmp_path / "folder/a/x.png", "RGB", (9, 9), (1, 2, 3))
+    assert load_dataset(str(tmp_path / "folder"), "train", size=5).images.shape == (1, 5, 5, 3)
+    with raises(match="no such directory; pass a folder with the Fashion-MNIST"):
+        load_dataset(str(tmp_path / "nope"), "train")
+    write(tmp_path / "plain/readme.txt", b"x")
+    with raises(match="neither"):
+        load_dataset(str(tmp_path / "plain"), "train")
+    with raises(match="unknown split"):
+        load_dataset("synthetic", "dev")
+
+
+def test_iterate_batches_shapes_values_order_shuffle():
+    ds = synthetic_dataset(50, num_classes=5, size=28)
+    batches = list(iterate_batches(ds, FM, 16))
+    assert [len(b[0]) for b in batches] == [16, 16, 16, 2]
+    x, y, idx = batches[0]
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == idx.dtype == torch.int64
+    np.testing.assert_allclose(x.numpy(), FM.apply(ds.images[:16]))
+    assert idx.tolist() == list(range(16)) and y.tolist() == ds.labels[:16].tolist()
+    assert [len(b[0]) for b in iterate_batches(ds, FM, 16, drop_last=True)] == [16, 16, 16]
+    with raises(match=r"20x20x1 .* 28x28x1; call ds.conform\(prep\) first"):
+        iterate_batches(synthetic_dataset(10, size=20), FM, 4)
+    with raises(match="batch size"):
+        iterate_batches(ds, FM, 0)
+    ds, orders = synthetic_dataset(53, num_classes=4), []  # shuffling covers each index once per epoch
+    for seed in (0, 1, 0):
+        got = [(i, yy) for _, y, idx in iterate_batches(ds, FM, 8, shuffle=True, seed=seed)
+               for i, yy in zip(idx.tolist(), y.tolist())]
+        assert sorted(i for i, _ in got) == list(range(53)) and all(ds.labels[i] == yy for i, yy in got)
+        orders.append([i for i, _ in got])
+    assert orders[0] != orders[1] and orders[0] != list(range(53)) and orders[0] == orders[2]
+
+
+def test_iterate_batches_augment():
+    ds = synthetic_dataset(40, num_classes=4, size=16, channels=3)
+    prep = Preprocess(16, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    plain = torch.cat([x for x, _, _ in iterate_batches(ds, prep, 16)])
+    aug, aug2 = ([x for x, _, _ in iterate_batches(ds, prep, 16, augment=True, seed=5)] for _ in range(2))
+    assert [a.shape for a in aug] == [(16, 3, 16, 16), (16, 3, 16, 16), (8, 3, 16, 16)]
+    aug = torch.cat(aug)
+    assert torch.equal(aug, torch.cat(aug2)) and not torch.equal(aug, plain)
+    # each output is one of the 2 x 25 crops of the input or its mirror, padded with 2 px of black
+    black = torch.tensor([(0 - m) / s for m, s in zip(prep.mean, prep.std)]).view(3, 1, 1)
+    pad = black.expand(len(ds), 2, 3, 20, 20).clone()
+    pad[..., 2:18, 2:18] = torch.stack([plain, plain.flip(-1)], 1)
+    crops = torch.stack([pad[..., oy:oy + 16, ox:ox + 16] for oy in range(5) for ox in range(5)], 1)
+    assert ((crops - aug[:, None, None]).abs().amax((3, 4, 5)) < 1e-5).flatten(1).any(1).all()
+

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from hetero.embed import cloud_targets, embed_images
+from hetero.errors import HeteroError
+from hetero.metrics import retrieval_metrics
+from hetero.train import TrainConfig, train_edge
+
+
+def test_cloud_training_learns(tiny_cloud, synth, prep):
+    hist = tiny_cloud.info["history"]
+    assert hist[-1]["total"] < hist[0]["total"]
+    q = embed_images(tiny_cloud.model, synth[1], prep, progress=False)
+    g = embed_images(tiny_cloud.model, synth[0], prep, progress=False)
+    assert retrieval_metrics(q, synth[1].labels, g, synth[0].labels)["map_at_r"] > 0.5  # chance is ~0.1
+
+
+def test_compatible_edge_beats_control_against_the_cloud_gallery(tiny_cloud, tiny_edge, synth, prep):
+    control = train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=5, batch_size=32, compat=False),
+                         tiny_cloud, synth[0], progress=False)
+    assert control.role == "control" and control.space != tiny_cloud.space
+    g = np.asarray(cloud_targets(tiny_cloud, synth[0], progress=False))
+    def het(model):
+        return retrieval_metrics(embed_images(model, synth[1], prep, progress=False), synth[1].labels, g, synth[0].labels)["map_at_r"]
+
+    assert het(tiny_edge.model) > het(control.model) + 0.2
+    assert set(tiny_edge.info["history"][-1]) >= {"influence", "alignment", "total"}
+
+
+def test_edge_training_leaves_the_frozen_cloud_untouched(tiny_cloud, synth):
+    before = tiny_cloud.fingerprint
+    train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, batch_size=64, limit=128), tiny_cloud, synth[0], progress=False)
+    assert tiny_cloud.fingerprint == before == tiny_cloud.space
+
+
+def test_cloud_targets_are_cached_by_space_and_data(tmp_path, tiny_cloud, synth, prep):
+    a = cloud_targets(tiny_cloud, synth[1], progress=False, directory=tmp_path)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and tiny_cloud.space[:16] in files[0].name
+    mtime = files[0].stat().st_mtime_ns
+    b = cloud_targets(tiny_cloud, synth[1], progress=False, directory=tmp_path)
+    assert files[0].stat().st_mtime_ns == mtime and np.array_equal(a, b)
+    assert np.allclose(a, embed_images(tiny_cloud.model, synth[1], prep, progress=False), atol=1e-6)
+    cloud_targets(tiny_cloud, synth[0].subset(50), progress=False, directory=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_bad_training_options(tiny_cloud, tiny_edge, synth):
+    with pytest.raises(HeteroError, match="--epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(HeteroError, match="--lr"):
+        TrainConfig(lr=-1)
+    with pytest.raises(HeteroError, match="--dim 8 differs"):
+        train_edge(TrainConfig(model="test_mobilenet", dim=8), tiny_cloud, synth[0], progress=False)
+    with pytest.raises(HeteroError, match="must be a cloud checkpoint"):
+        train_edge(TrainConfig(model="test_mobilenet", dim=16), tiny_edge, synth[0], progress=False)
+
+
+def test_divergence_is_reported(tiny_cloud, synth):
+    with pytest.raises(HeteroError, match="diverged"):
+        train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, lr=1e30, limit=256), tiny_cloud, synth[0], progress=False)
