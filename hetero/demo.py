@@ -20,7 +20,7 @@ class DemoConfig:
     out: str = "runs/demo"
     data: str | None = None
     cloud_model: str = "resnet20"
-    cloud_epochs: int = 1
+    cloud_epochs: int = 2
     edge_model: str = "mobilenet_w050"
     edge_epochs: int = 2
     batch_size: int = 128

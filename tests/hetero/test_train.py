@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from hetero.embed import cloud_targets, embed_images
 from hetero.errors import HeteroError

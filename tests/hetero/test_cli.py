@@ -1,0 +1,143 @@
+"""The CLI end to end on synthetic data, and every bad input: one line, exit 2, nothing written."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hetero.cli import main
+
+TINY = ["--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--dim", "16", "--quiet"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(code, err):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["train-cloud", "--out", str(root / "cloud"), "--model", "test_resnet", *TINY]) == 0
+    assert main(["train-edge", "--cloud", str(root / "cloud"), "--out", str(root / "edge"), "--model", "test_mobilenet", *TINY]) == 0
+    assert main(["train-cloud", "--out", str(root / "cloud2"), "--model", "test_resnet", "--seed", "1", *TINY]) == 0
+    return root
+
+
+def test_train_export_evaluate(trained, tmp_path, capsys):
+    code, out, _ = run(capsys, "export", "--edge", trained / "edge", "--cloud", trained / "cloud", "--out", tmp_path / "x",
+                       "--data", "synthetic", "--check-samples", "100")
+    assert code == 0 and "min cosine" in out
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert manifest["artifacts"][0]["fidelity"]["num_inputs"] == 100
+    code, out, _ = run(capsys, "evaluate", "--cloud", trained / "cloud", "--edge", trained / "edge", "--artifact",
+                       tmp_path / "x", "--data", "synthetic", "--out", tmp_path / "rep", "--quiet")
+    assert code == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    combos = {(r["query_model"], r["gallery_model"], r["runtime"].split()[0]) for r in rep["retrieval"]}
+    assert combos == {("cloud", "cloud", "torch"), ("edge", "edge", "torch"), ("edge", "cloud", "torch"),
+                      ("edge", "cloud", "onnxruntime")}
+    ort_row = [r for r in rep["retrieval"] if r["runtime"].startswith("onnxruntime")][0]
+    torch_row = [r for r in rep["retrieval"] if r["query_model"] == "edge" and r["gallery_model"] == "cloud"][0]
+    assert abs(ort_row["map_at_r"] - torch_row["map_at_r"]) < 1e-3
+    assert (tmp_path / "rep" / "report.md").read_text().startswith("# hetero evaluate")
+
+
+def test_control_and_config_file(trained, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model = "test_mobilenet"\nepochs = 1\nlimit = 200\n')
+    code, out, _ = run(capsys, "train-edge", "--cloud", trained / "cloud", "--out", tmp_path / "ctl", "--no-compat",
+                       "--config", cfg, "--data", "synthetic", "--dim", "16", "--quiet")
+    assert code == 0 and "control" in out
+    meta = json.loads((tmp_path / "ctl" / "hetero.json").read_text())
+    assert meta["role"] == "control" and meta["config"]["limit"] == 200 and meta["config"]["compat"] is False
+
+
+def test_missing_and_wrong_data_paths(tmp_path, capsys):
+    msg = one_line_error(*run(capsys, "train-cloud", "--out", tmp_path / "c", "--data", tmp_path / "nope")[::2])
+    assert "no such directory" in msg and not (tmp_path / "c").exists()
+    (tmp_path / "empty").mkdir()
+    msg = one_line_error(*run(capsys, "data", "--data", tmp_path / "empty")[::2])
+    assert "--data" in msg or "empty" in msg
+
+
+def test_unreadable_dataset(tmp_path, capsys):
+    d = tmp_path / "fm"
+    d.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (d / f"{name}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03garbage"))
+    msg = one_line_error(*run(capsys, "train-cloud", "--out", tmp_path / "c", "--data", d)[::2])
+    assert "idx" in msg.lower() and not (tmp_path / "c").exists()
+
+
+def test_corrupt_and_foreign_checkpoints(trained, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained / "cloud", bad)
+    (bad / "weights.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    msg = one_line_error(*run(capsys, "train-edge", "--cloud", bad, "--out", tmp_path / "e", *TINY)[::2])
+    assert "sha256" in msg and not (tmp_path / "e").exists()
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"PK\x03\x04 a torch zip")
+    msg = one_line_error(*run(capsys, "export", "--edge", foreign, "--out", tmp_path / "x")[::2])
+    assert "not a hetero checkpoint" in msg and not (tmp_path / "x").exists()
+    msg = one_line_error(*run(capsys, "train-edge", "--cloud", trained / "edge", "--out", tmp_path / "e", *TINY)[::2])
+    assert "expected cloud" in msg
+
+
+def test_fingerprint_mismatch(trained, tmp_path, capsys):
+    msg = one_line_error(*run(capsys, "export", "--edge", trained / "edge", "--cloud", trained / "cloud2", "--out", tmp_path / "x")[::2])
+    assert "cloud space" in msg and not (tmp_path / "x").exists()
+    msg = one_line_error(*run(capsys, "evaluate", "--cloud", trained / "cloud2", "--edge", trained / "edge", "--data", "synthetic",
+                              "--out", tmp_path / "r", "--quiet")[::2])
+    assert "cloud space" in msg and not (tmp_path / "r").exists()
+
+
+def test_nothing_is_overwritten(trained, tmp_path, capsys):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    msg = one_line_error(*run(capsys, "train-cloud", "--out", out, "--model", "test_resnet", *TINY)[::2])
+    assert "--overwrite" in msg and [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_bad_training_options(trained, tmp_path, capsys):
+    msg = one_line_error(*run(capsys, "train-edge", "--cloud", trained / "cloud", "--out", tmp_path / "e", "--loss", "triplet=1", *TINY)[::2])
+    assert "unknown loss 'triplet'" in msg
+    msg = one_line_error(*run(capsys, "train-edge", "--cloud", trained / "cloud", "--out", tmp_path / "e", "--loss", "alignment=-1", *TINY)[::2])
+    assert ">= 0" in msg
+    msg = one_line_error(*run(capsys, "train-cloud", "--out", tmp_path / "c", "--model", "nonet", *TINY)[::2])
+    assert "unknown backbone 'nonet'" in msg
+    assert not (tmp_path / "e").exists() and not (tmp_path / "c").exists()
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("hetero")
+    p = subprocess.run([str(exe), "export", "--edge", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, env={**os.environ})
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().startswith("error: checkpoint") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_readme_commands_parse():
+    """Every `hetero ...` line in the README names a real command with real flags."""
+    from hetero.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    cmds = [line.strip() for line in readme.splitlines() if line.strip().startswith("hetero ")]
+    assert len(cmds) >= 5
+    parser = build_parser()
+    for cmd in cmds:
+        parser.parse_args(cmd.split()[1:])

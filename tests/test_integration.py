@@ -1,0 +1,49 @@
+"""The whole slice on a Fashion-MNIST subset through the real console script (under 2 minutes).
+
+Needs Fashion-MNIST; `make test` installs it (Debian package dataset-fashion-mnist).
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_slice_on_a_fashion_mnist_subset(tmp_path):
+    exe = Path(sys.executable).with_name("hetero")
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    p = subprocess.run([str(exe), "demo", "--out", str(out), "--train-limit", "6000", "--cloud-epochs", "2",
+                        "--edge-epochs", "2", "--gallery-limit", "10000", "--query-limit", "2000", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(x.name for x in out.iterdir()) == ["cloud", "control", "edge", "export", "report.json", "report.md"]
+    rep = json.loads((out / "report.json").read_text())
+
+    models = {m["name"]: m for m in rep["models"]}
+    assert {m["role"] for m in rep["models"]} == {"cloud", "edge", "control"}
+    assert models["cloud"]["flops"] > 20 * models["edge"]["flops"] > 0
+    rows = {(r["query_model"], r["gallery_model"], r["runtime"].split()[0]): r for r in rep["retrieval"]}
+    assert set(rows) == {("cloud", "cloud", "torch"), ("edge", "edge", "torch"), ("edge", "cloud", "torch"),
+                         ("edge", "cloud", "onnxruntime"), ("control", "cloud", "torch")}
+    for r in rows.values():
+        assert set(r) >= {"map_at_r", "recall_at_1", "recall_at_10"} and r["num_queries"] == 2000 and r["num_gallery"] == 10000
+        assert r["query_model"] in models and r["gallery_model"] in models
+    paragon = rows[("cloud", "cloud", "torch")]["map_at_r"]
+    het = rows[("edge", "cloud", "torch")]["map_at_r"]
+    assert paragon > 0.3  # chance is about 0.1
+    assert abs(rows[("edge", "cloud", "onnxruntime")]["map_at_r"] - het) < 1e-3
+    assert rows[("control", "cloud", "torch")]["map_at_r"] < 0.2 < het
+    (c,) = rep["compatibility"]
+    assert c["edge"] == "edge" and c["criterion_met"] == (het > rows[("edge", "edge", "torch")]["map_at_r"])
+    assert c["gap_to_paragon_map_at_r"] == pytest.approx(paragon - het)
+    (x,) = rep["exports"]
+    assert x["format"] == "onnx" and x["min_cosine"] >= 0.99999 and (out / x["path"]).is_file()
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert manifest["artifacts"][0]["sha256"] == x["sha256"] and manifest["space"] == models["cloud"]["space"]
+    assert "| edge | cloud |" in (out / "report.md").read_text()
+    assert elapsed < 120, f"the subset slice took {elapsed:.0f} s"
