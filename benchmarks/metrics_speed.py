@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import time
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=1, help="report the best of this many runs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the result to this JSON file")
     args = ap.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -66,7 +68,16 @@ def main() -> None:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"cpu_count={os.cpu_count()}, usable={usable}, python {platform.python_version()}, numpy {np.__version__}")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(f"date: {date}")
+    if args.json:
+        result = {"benchmark": "metrics_speed", "args": vars(args), "seconds": seconds, "target_s": TARGET_S,
+                  "ratio_target_over_measured": TARGET_S / seconds, "metrics": metrics, "label": "measured",
+                  "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "usable_cpus": usable,
+                              "python": platform.python_version(), "numpy": np.__version__}, "date": date}
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
 
 
 if __name__ == "__main__":

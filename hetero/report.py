@@ -13,11 +13,22 @@ from hetero.cost import count_flops, count_params
 from hetero.metrics import retrieval_metrics
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def host_info() -> dict[str, Any]:
     import torch
 
     return {
-        "machine": platform.machine(), "system": platform.system(), "processor": platform.processor() or platform.machine(),
+        "machine": platform.machine(), "system": platform.system(), "processor": _cpu_model(),
         "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
     }

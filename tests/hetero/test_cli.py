@@ -131,13 +131,29 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert p.stderr.strip().startswith("error: checkpoint") and len(p.stderr.strip().splitlines()) == 1
 
 
-def test_readme_commands_parse():
-    """Every `hetero ...` line in the README names a real command with real flags."""
-    from hetero.cli import build_parser
+def test_image_folder_rgb_any_size(tmp_path, capsys):
+    """Train, export and evaluate on an ImageFolder of 20x20 RGB images (3 classes of colour blobs)."""
+    import numpy as np
+    from PIL import Image
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    cmds = [line.strip() for line in readme.splitlines() if line.strip().startswith("hetero ")]
-    assert len(cmds) >= 5
-    parser = build_parser()
-    for cmd in cmds:
-        parser.parse_args(cmd.split()[1:])
+    rng = np.random.default_rng(0)
+    colours = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
+    for split, n in (("train", 40), ("test", 10)):
+        for c, colour in enumerate(colours):
+            d = tmp_path / "folder" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = (rng.integers(0, 60, (20, 20, 3)) + np.array(colour) * rng.uniform(0.6, 1.0)).clip(0, 255)
+                Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
+    data = ["--data", tmp_path / "folder"]
+    small = ["--epochs", "2", "--batch-size", "16", "--dim", "8", "--quiet"]
+    assert run(capsys, "train-cloud", "--out", tmp_path / "c", "--model", "test_resnet", *data, *small)[0] == 0
+    assert run(capsys, "train-edge", "--cloud", tmp_path / "c", "--out", tmp_path / "e", "--model", "test_mobilenet", *data, *small)[0] == 0
+    meta = json.loads((tmp_path / "c" / "hetero.json").read_text())
+    assert meta["preprocess"]["channels"] == 3 and len(meta["classes"]) == 3
+    code, out, _ = run(capsys, "export", "--edge", tmp_path / "e", "--out", tmp_path / "x", *data)
+    assert code == 0
+    assert json.loads((tmp_path / "x" / "manifest.json").read_text())["artifacts"][0]["input"]["shape"][1] == 3
+    code, out, _ = run(capsys, "evaluate", "--cloud", tmp_path / "c", "--edge", tmp_path / "e", "--artifact", tmp_path / "x",
+                       *data, "--quiet")
+    assert code == 0 and "onnxruntime" in out
