@@ -90,9 +90,11 @@ def _add_train_args(p: argparse.ArgumentParser, default_model: str) -> None:
 def cmd_data(args: argparse.Namespace) -> int:
     from hetero.data import load_dataset
 
+    import numpy as np
+
     for split in ("train", "test"):
         ds = load_dataset(args.data, split)
-        counts = {int(c): int(n) for c, n in zip(*__import__("numpy").unique(ds.labels, return_counts=True))}
+        counts = {int(c): int(n) for c, n in zip(*np.unique(ds.labels, return_counts=True))}
         print(f"{ds.name}: {len(ds)} images {ds.images.shape[1:]}, {len(ds.classes)} classes, per class {counts}")
     return 0
 
@@ -119,7 +121,7 @@ def cmd_train_cloud(args: argparse.Namespace) -> int:
     check_writable_dest(Path(args.out), args.overwrite)
     train = load_dataset(args.data, "train")
     c = train.images.shape[-1]
-    if train.images.shape[1:] == (28, 28, 1):
+    if train.name.startswith("fashion-mnist"):
         prep = FASHION_MNIST_PREPROCESS
     else:  # statistics of the training images, per channel
         x = train.images.reshape(-1, c).astype("float64") / 255.0

@@ -89,7 +89,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
         log("[4/5] embedding gallery and queries (torch and onnxruntime), then searching")
         t0 = time.perf_counter()
         scored = score_models(cloud, {"edge": edge, "control": control}, queries, gallery,
-                              artifacts={"edge": tmp / "export"}, progress=cfg.progress, log=log)
+                              artifacts={"edge": tmp / "export"}, progress=cfg.progress)
         lap("embed + search + metrics", t0)
         rows = scored["retrieval"]
         for x in scored["exports"]:

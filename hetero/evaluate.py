@@ -10,7 +10,7 @@ from hetero.errors import HeteroError
 
 
 def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: dict[str, Path] | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 progress: bool = True) -> dict[str, Any]:
     """Embed and score: paragon (cloud->cloud), X->X and X->cloud for every edge/control model ``X``,
     and X->cloud through onnxruntime for every ``artifacts[X]`` export directory.
 
@@ -79,7 +79,7 @@ def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, da
     queries = queries.subset(query_limit) if query_limit else queries
     gallery = gallery.subset(gallery_limit) if gallery_limit else gallery
     scored = score_models(cloud, {name: edge}, queries, gallery,
-                          artifacts={name: Path(artifact)} if artifact else None, progress=progress, log=log)
+                          artifacts={name: Path(artifact)} if artifact else None, progress=progress)
     report = {
         "title": f"hetero evaluate: {edge_path} against {cloud_path}",
         "queries": f"{queries.name} ({len(queries)})", "gallery": f"{gallery.name} ({len(gallery)}), cloud-embedded",
