@@ -48,6 +48,22 @@ def _parse_kv(text: str | None, what: str) -> dict[str, Any] | None:
     return out
 
 
+def _nest(flat: dict[str, Any] | None) -> dict[str, dict[str, Any]] | None:
+    """{'contrastive.temperature': 0.1} -> {'contrastive': {'temperature': 0.1}}."""
+    if flat is None:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if isinstance(value, dict):
+            out.setdefault(key, {}).update(value)
+            continue
+        if "." not in key:
+            raise HeteroError(f"--loss-options: expected loss.option=value (e.g. contrastive.temperature=0.1), got {key!r}")
+        loss, opt = key.split(".", 1)
+        out.setdefault(loss, {})[opt] = value
+    return out
+
+
 def _train_config(args: argparse.Namespace, **fixed: Any):
     from hetero.train import TrainConfig
 
@@ -61,6 +77,8 @@ def _train_config(args: argparse.Namespace, **fixed: Any):
            "model_kwargs": _parse_kv(args.model_kwargs, "--model-kwargs"), "augment": args.augment or None}
     if hasattr(args, "loss"):
         cli["losses"] = _parse_kv(args.loss, "--loss")
+        cli["loss_options"] = _nest(_parse_kv(args.loss_options, "--loss-options"))
+        cli["targets"] = args.targets
     values.update({k: v for k, v in cli.items() if v is not None})
     values.update(fixed)
     try:
@@ -220,7 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-edge", help="train an edge model into a cloud model's embedding space")
     p.add_argument("--cloud", required=True, help="cloud checkpoint directory")
     _add_train_args(p, "mobilenet_w050")
-    p.add_argument("--loss", help="loss weights, e.g. influence=1,alignment=1 (default)")
+    p.add_argument("--loss", help="loss weights: influence, alignment, contrastive, relational, ce, logit_distill "
+                                  "(default influence=1,alignment=1)")
+    p.add_argument("--loss-options", help="per-loss options, e.g. alignment.kind=l2,contrastive.temperature=0.1,"
+                                          "contrastive.positives=label,relational.k=32,influence.margin=0.2")
+    p.add_argument("--targets", choices=("auto", "cached", "online"),
+                   help="cloud targets: cached once (memory-mapped) or computed per batch by the frozen cloud; "
+                        "auto = online with --augment, else cached")
     p.add_argument("--no-compat", action="store_true", help="train the control: own classifier, no compatibility loss")
     p.set_defaults(func=cmd_train_edge)
 

@@ -14,11 +14,13 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
     """Embed and score: paragon (cloud->cloud), X->X and X->cloud for every edge/control model ``X``,
     and X->cloud through onnxruntime for every ``artifacts[X]`` export directory.
 
+    Every row but the paragon carries negative/positive flip rates against the paragon's top-1.
     Returns ``{"retrieval": rows, "exports": rows}``. Every model must live in the cloud's space except
     controls, which are compared on purpose.
     """
     from hetero.checkpoint import check_same_space
     from hetero.embed import cloud_targets, embed_images
+    from hetero.flips import flip_rates, top1_correct
     from hetero.report import retrieval_row
 
     artifacts = artifacts or {}
@@ -31,14 +33,22 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
     g_cloud = np.asarray(cloud_targets(cloud, gallery, progress=progress))
     q_cloud = embed_images(cloud.model, queries, prep, progress=progress, desc="cloud queries")
     rows = [retrieval_row("cloud", "cloud", "torch", q_cloud, ql, g_cloud, gl)]
+    paragon_ok = top1_correct(q_cloud, ql, g_cloud, gl)
+
+    def row(query_model: str, gallery_model: str, runtime: str, q: np.ndarray, g: np.ndarray) -> None:
+        """A retrieval row plus its flips against the paragon's per-query top-1."""
+        r = retrieval_row(query_model, gallery_model, runtime, q, ql, g, gl)
+        r.update(flip_rates(paragon_ok, top1_correct(q, ql, g, gl)))
+        rows.append(r)
+
     exports = []
     q_inputs = None
     for name, ckpt in edges.items():
         q = embed_images(ckpt.model, queries, prep, progress=progress, desc=f"{name} queries")
         if ckpt.role != "control":
             g = embed_images(ckpt.model, gallery, prep, progress=progress, desc=f"{name} gallery")
-            rows.append(retrieval_row(name, name, "torch", q, ql, g, gl))
-        rows.append(retrieval_row(name, "cloud", "torch", q, ql, g_cloud, gl))
+            row(name, name, "torch", q, g)
+        row(name, "cloud", "torch", q, g_cloud)
         if name in artifacts:
             from devices import create_runner, open_artifact
             from export import fidelity
@@ -52,7 +62,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
             with create_runner(artifacts[name], "onnxruntime") as runner:
                 q_art = runner.embed(q_inputs)
                 runtime = runner.runtime
-            rows.append(retrieval_row(name, "cloud", runtime, q_art, ql, g_cloud, gl))
+            row(name, "cloud", runtime, q_art, g_cloud)
             fid = fidelity(q, q_art)
             exports.append({"edge": name, "format": art.format, "precision": art.entry.get("precision"),
                             "path": str(art.path), "sha256": art.entry["sha256"], "min_cosine": fid["min_cosine"],

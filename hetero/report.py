@@ -67,16 +67,24 @@ def compatibility(rows: list[dict[str, Any]], edges: list[str], cloud: str) -> l
     return out
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     host = report.get("host", {})
     lines = [f"# {report.get('title', 'hetero report')}", ""]
     lines.append(f"Measured on {host.get('processor', '?')} ({host.get('cpu_count', '?')} CPUs), "
                  f"{host.get('system', '?')}, torch {host.get('torch', '?')}, {host.get('date', '?')}. "
                  f"Queries: {report.get('queries', '?')}; gallery: {report.get('gallery', '?')}.")
-    lines += ["", "## Retrieval", "", "| query model | gallery model | query runtime | mAP@R | R@1 | R@10 |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Retrieval", "", "Flip rates compare each query's top-1 with the paragon's (cloud->cloud): negative = "
+              "right for the paragon, wrong here.", "",
+              "| query model | gallery model | query runtime | mAP@R | R@1 | R@10 | neg. flips | pos. flips |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in report["retrieval"]:
         lines.append(f"| {r['query_model']} | {r['gallery_model']} | {r['runtime']} | {r['map_at_r']:.4f} | "
-                     f"{r['recall_at_1']:.4f} | {r['recall_at_10']:.4f} |")
+                     f"{r['recall_at_1']:.4f} | {r['recall_at_10']:.4f} | {_pct(r.get('negative_flip_rate'))} | "
+                     f"{_pct(r.get('positive_flip_rate'))} |")
     lines += ["", "## Models", "", "| name | role | backbone | params | MFLOPs |", "|---|---|---|---|---|"]
     for m in report["models"]:
         lines.append(f"| {m['name']} | {m['role']} | {m['backbone']} | {m['params']:,} | {m['flops'] / 1e6:.2f} |")
@@ -98,9 +106,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'query':<10} {'gallery':<10} {'runtime':<38} {'mAP@R':>7} {'R@1':>7} {'R@10':>7}"
+    head = f"{'query':<10} {'gallery':<10} {'runtime':<38} {'mAP@R':>7} {'R@1':>7} {'R@10':>7} {'NFR':>7}"
     out = [head, "-" * len(head)]
     for r in rows:
         out.append(f"{r['query_model']:<10} {r['gallery_model']:<10} {r['runtime'][:38]:<38} {r['map_at_r']:>7.4f} "
-                   f"{r['recall_at_1']:>7.4f} {r['recall_at_10']:>7.4f}")
+                   f"{r['recall_at_1']:>7.4f} {r['recall_at_10']:>7.4f} {_pct(r.get('negative_flip_rate')):>7}")
     return "\n".join(out)

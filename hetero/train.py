@@ -7,7 +7,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -16,7 +15,7 @@ from hetero.checkpoint import Checkpoint
 from hetero.data import ImageSet, Preprocess, iterate_batches
 from hetero.embed import cloud_targets
 from hetero.errors import HeteroError
-from hetero.losses import WeightedLoss
+from hetero.losses import LossContext, WeightedLoss
 from hetero.models import CosineClassifier, ModelSpec, create_embedding_model
 
 
@@ -37,6 +36,8 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None
     losses: dict[str, float] = field(default_factory=lambda: {"influence": 1.0, "alignment": 1.0})
+    loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    targets: str = "auto"  # cloud targets: "cached" (memory-mapped), "online" (frozen cloud per batch), "auto"
     compat: bool = True
 
     def __post_init__(self):
@@ -47,6 +48,14 @@ class TrainConfig:
             raise HeteroError(f"--lr must be a positive number, got {self.lr}")
         if self.limit is not None and self.limit < 1:
             raise HeteroError(f"--limit must be >= 1, got {self.limit}")
+        if self.targets not in ("auto", "cached", "online"):
+            raise HeteroError(f"--targets must be auto, cached or online, got {self.targets!r}")
+        if self.targets == "cached" and self.augment:
+            raise HeteroError("cached cloud targets are embeddings of un-augmented images; with --augment use --targets online")
+
+    @property
+    def online_targets(self) -> bool:
+        return self.targets == "online" or (self.targets == "auto" and self.augment)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,31 +130,46 @@ def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, prog
     if cloud.role != "cloud":
         raise HeteroError(f"--cloud must be a cloud checkpoint, got a {cloud.role} checkpoint ({cloud.path})")
     prep = cloud.preprocess
-    if tuple(train_set.classes) != tuple(cloud.classes) and cfg.compat and "influence" in cfg.losses:
-        raise HeteroError(
-            f"training data has {len(train_set.classes)} classes but the cloud classifier was trained on "
-            f"{len(cloud.classes)}; use the cloud's dataset or drop the influence loss")
+    if cfg.dim != cloud.spec.dim:
+        raise HeteroError(f"--dim {cfg.dim} differs from the cloud's embedding dim {cloud.spec.dim}; use --dim {cloud.spec.dim}")
+    ctx = LossContext(dim=cfg.dim, num_classes=len(train_set.classes))
+    loss_fn = WeightedLoss(dict(cfg.losses), ctx, cfg.loss_options) if cfg.compat else None
+    if loss_fn is not None and loss_fn.needs_classifier:
+        if cloud.classifier is None:
+            raise HeteroError(f"the cloud checkpoint {cloud.path} has no classifier, which the influence and logit_distill losses "
+                              "need; run `hetero fit-classifier` on it, or use --loss alignment=1 (or contrastive, relational)")
+        if len(train_set.classes) != cloud.classifier.num_classes:
+            raise HeteroError(
+                f"training data has {len(train_set.classes)} classes but the cloud classifier has "
+                f"{cloud.classifier.num_classes}; use the cloud's dataset or drop the influence loss")
     ds = _prepare(train_set, prep, cfg)
     torch.manual_seed(cfg.seed)
     spec = ModelSpec(cfg.model, cfg.dim, dict(cfg.model_kwargs))
-    if cfg.dim != cloud.spec.dim:
-        raise HeteroError(f"--dim {cfg.dim} differs from the cloud's embedding dim {cloud.spec.dim}; use --dim {cloud.spec.dim}")
     model = create_embedding_model(spec, prep.channels)
     t0 = time.perf_counter()
-    if cfg.compat:
-        loss_fn = WeightedLoss(dict(cfg.losses))
-        targets = torch.from_numpy(np.array(cloud_targets(cloud, ds, progress=progress), dtype=np.float32))
+    if loss_fn is not None:
         frozen = cloud.classifier
         if frozen is not None:
             frozen.eval()
             frozen.requires_grad_(False)
+        cloud.model.eval()
+        cloud.model.requires_grad_(False)
+        if cfg.online_targets:
+            def target(x, idx):
+                with torch.no_grad():
+                    return cloud.model(x)
+        else:
+            cached = cloud_targets(cloud, ds, progress=progress)  # read-only memory map
+
+            def target(x, idx):
+                return torch.from_numpy(cached[idx.numpy()])
 
         def step(x, y, idx):
-            return loss_fn(model(x), y, targets[idx], frozen)
+            return loss_fn(model(x), y, target(x, idx), frozen)
 
-        params = list(model.parameters())
-        modules: list[torch.nn.Module] = [model]
-        classifier = None
+        params = list(model.parameters()) + list(loss_fn.parameters())
+        modules: list[torch.nn.Module] = [model, loss_fn]
+        classifier = loss_fn.own_classifier
         role, space = "edge", cloud.space
     else:
         classifier = CosineClassifier(cfg.dim, len(train_set.classes), cfg.scale, cfg.margin)

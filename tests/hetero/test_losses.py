@@ -77,3 +77,78 @@ def test_loss_configuration_errors():
         WeightedLoss({})
     with pytest.raises(HeteroError, match="classifier"):
         WeightedLoss({"influence": 1.0})(torch.ones(1, 2), torch.zeros(1, dtype=torch.long), torch.ones(1, 2), None)
+
+
+from hetero.losses import LossContext, LOSSES  # noqa: E402
+
+CTX = LossContext(dim=2, num_classes=3)
+
+
+def test_alignment_l2_is_squared_distance():
+    loss = LOSSES.create("alignment", ctx=CTX, kind="l2")
+    edge, cloud = torch.tensor([[0.6, 0.8]]), torch.tensor([[1.0, 0.0]])
+    assert loss(edge, None, cloud, None)["alignment"].item() == pytest.approx(0.4**2 + 0.8**2)
+    cos = LOSSES.create("alignment", ctx=CTX)(edge, None, cloud, None)["alignment"].item()
+    assert loss(edge, None, cloud, None)["alignment"].item() == pytest.approx(2 * cos)  # unit vectors
+
+
+def test_contrastive_image_and_label_positives_by_hand():
+    tau = 0.5
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    img = LOSSES.create("contrastive", ctx=CTX, temperature=tau)(e, torch.tensor([0, 1]), e, None)["contrastive"]
+    assert img.item() == pytest.approx(math.log(1 + math.exp(-1 / tau)))
+    lab = LOSSES.create("contrastive", ctx=CTX, temperature=tau, positives="label")(e, torch.tensor([0, 0]), e, None)["contrastive"]
+    z = math.exp(1 / tau) + 1  # each row: one logit 1/tau, one 0; both keys positive
+    assert lab.item() == pytest.approx(-0.5 * ((1 / tau - math.log(z)) + (0 - math.log(z))))
+    # different labels: same as the image-positive case
+    lab2 = LOSSES.create("contrastive", ctx=CTX, temperature=tau, positives="label")(e, torch.tensor([0, 1]), e, None)["contrastive"]
+    assert lab2.item() == pytest.approx(img.item())
+
+
+def test_relational_is_zero_when_edge_equals_cloud_and_its_gradient_pulls_toward_it():
+    torch.manual_seed(0)
+    cloud = F.normalize(torch.randn(6, 4), dim=1)
+    loss = LOSSES.create("relational", ctx=CTX, temperature=0.1)
+    assert loss(cloud.clone(), None, cloud, None)["relational"].item() == pytest.approx(0.0, abs=1e-6)
+    edge = F.normalize(cloud + 0.5 * torch.randn(6, 4), dim=1).requires_grad_(True)
+    value = loss(edge, None, cloud, None)["relational"]
+    assert value.item() > 0
+    value.backward()
+    stepped = edge.detach() - 0.01 * edge.grad
+    assert loss(stepped, None, cloud, None)["relational"].item() < value.item()
+    knn = LOSSES.create("relational", ctx=CTX, temperature=0.1, k=2)(edge.detach(), None, cloud, None)["relational"]
+    assert knn.item() >= 0 and knn.item() != pytest.approx(value.item())
+
+
+def test_ce_and_logit_distill_train_their_own_head():
+    ce = LOSSES.create("ce", ctx=CTX, scale=4.0)
+    assert sum(p.numel() for p in ce.parameters()) == 6
+    with torch.no_grad():
+        ce.classifier.weight.copy_(_classifier().weight)
+    edge, y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    assert ce(edge, y, None, None)["ce"].item() == pytest.approx(influence_loss(edge, y, None, _classifier())["influence"].item())
+    kd = LOSSES.create("logit_distill", ctx=CTX, temperature=2.0, scale=4.0)
+    with torch.no_grad():
+        kd.classifier.weight.copy_(_classifier().weight)
+    cloud = torch.tensor([[0.6, 0.8], [-1.0, 0.0]])
+    assert kd(cloud, None, cloud, _classifier())["logit_distill"].item() == pytest.approx(0.0, abs=1e-6)
+    assert kd(cloud.flip(0), None, cloud, _classifier())["logit_distill"].item() > 0.1
+
+
+def test_loss_options_are_checked():
+    with pytest.raises(HeteroError, match="does not take"):
+        LOSSES.create("contrastive", ctx=CTX, temprature=0.1)
+    with pytest.raises(HeteroError, match="kind"):
+        LOSSES.create("alignment", ctx=CTX, kind="l1")
+    with pytest.raises(HeteroError, match="not selected"):
+        WeightedLoss({"alignment": 1.0}, CTX, {"contrastive": {"temperature": 0.1}})
+    with pytest.raises(HeteroError, match="must be a number"):
+        WeightedLoss({"alignment": "x"}, CTX)
+    w = WeightedLoss({"alignment": 1.0, "contrastive": 0.5, "relational": 2.0, "ce": 1.0}, CTX,
+                     {"contrastive": {"positives": "label"}})
+    e = F.normalize(torch.randn(4, 2), dim=1)
+    terms = w(e, torch.tensor([0, 1, 2, 0]), F.normalize(torch.randn(4, 2), dim=1), None)
+    assert set(terms) == {"alignment", "contrastive", "relational", "ce", "total"}
+    assert terms["total"].item() == pytest.approx(terms["alignment"].item() + 0.5 * terms["contrastive"].item()
+                                                 + 2 * terms["relational"].item() + terms["ce"].item(), rel=1e-5)
+    assert w.own_classifier is w.parts["ce"].classifier and not w.needs_classifier
