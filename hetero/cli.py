@@ -171,6 +171,53 @@ def cmd_train_edge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, what: str, n: int) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise HeteroError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * n
+    if len(vals) != n:
+        raise HeteroError(f"{what} needs 1 or {n} values (one per channel), got {len(vals)}")
+    return vals
+
+
+def cmd_import_cloud(args: argparse.Namespace) -> int:
+    from hetero._atomic import check_writable_dest
+    from hetero.byo import import_cloud
+    from hetero.checkpoint import save_checkpoint
+    from hetero.data import Preprocess
+
+    if bool(args.torchvision) == bool(args.factory):
+        raise HeteroError("give exactly one of --torchvision NAME or --factory module:callable")
+    check_writable_dest(Path(args.out), args.overwrite)
+    prep = Preprocess(args.size, args.channels, _floats(args.mean, "--mean", args.channels),
+                      _floats(args.std, "--std", args.channels))
+    kind, name = ("torchvision", args.torchvision) if args.torchvision else ("factory", args.factory)
+    ckpt = import_cloud(kind, name, args.weights, args.dim, prep, model_kwargs=_parse_kv(args.model_kwargs, "--model-kwargs"))
+    save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
+    print(f"cloud checkpoint: {args.out} ({kind} {name}, dim {args.dim}, space {ckpt.space[:12]}, no classifier: "
+          "run `hetero fit-classifier` for the influence loss)")
+    return 0
+
+
+def cmd_fit_classifier(args: argparse.Namespace) -> int:
+    from hetero._atomic import check_writable_dest
+    from hetero.byo import fit_classifier
+    from hetero.checkpoint import load_checkpoint, save_checkpoint
+    from hetero.data import load_dataset
+
+    cloud = load_checkpoint(args.cloud, role="cloud")
+    check_writable_dest(Path(args.out), args.overwrite)
+    train = load_dataset(args.data, "train")
+    ckpt = fit_classifier(cloud, train, epochs=args.epochs, scale=args.scale, margin=args.margin, progress=not args.quiet)
+    save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
+    print(f"cloud checkpoint with classifier: {args.out} ({len(ckpt.classes)} classes, train accuracy "
+          f"{ckpt.info['classifier_train_accuracy']:.4f}, new space {ckpt.space[:12]})")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from export import export_checkpoint
     from hetero.checkpoint import check_same_space, load_checkpoint
@@ -269,6 +316,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write report.json and report.md to this directory")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("import-cloud", help="bring your own cloud model (torchvision or module:factory + weights)")
+    p.add_argument("--out", required=True, help="cloud checkpoint directory to write")
+    p.add_argument("--torchvision", help="torchvision model name, e.g. resnet18 (built with weights=None)")
+    p.add_argument("--factory", help="module:callable returning an nn.Module whose output is the embedding")
+    p.add_argument("--model-kwargs", help="keyword arguments for the model, e.g. num_classes=128")
+    p.add_argument("--weights", required=True, help=".safetensors, or a .pt state dict (loaded with weights_only=True)")
+    p.add_argument("--dim", type=int, required=True, help="embedding dim the model outputs")
+    p.add_argument("--size", type=int, required=True, help="square input size")
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--mean", default="0.485,0.456,0.406", help="per-channel mean of 0..1 pixels")
+    p.add_argument("--std", default="0.229,0.224,0.225", help="per-channel std of 0..1 pixels")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import_cloud)
+
+    p = sub.add_parser("fit-classifier", help="fit a cosine classifier on a cloud model's frozen embeddings")
+    p.add_argument("--cloud", required=True)
+    p.add_argument("--out", required=True, help="new cloud checkpoint (a new space: the classifier is part of it)")
+    p.add_argument("--data", help="training data (default Fashion-MNIST)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--scale", type=float, default=16.0)
+    p.add_argument("--margin", type=float, default=0.0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_fit_classifier)
 
     p = sub.add_parser("data", help="find (or download) the dataset and describe it")
     p.add_argument("--data")

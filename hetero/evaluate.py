@@ -10,8 +10,9 @@ from hetero.errors import HeteroError
 
 
 def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: dict[str, Path] | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Embed and score: paragon (cloud->cloud), X->X and X->cloud for every edge/control model ``X``,
+                 progress: bool = True, reference: str = "cloud") -> dict[str, Any]:
+    """Embed and score: paragon (cloud->cloud), X->X and X->cloud for every edge/control model ``X``
+    (the cloud's rows are named ``reference``: "old" for a backward-compatible update),
     and X->cloud through onnxruntime for every ``artifacts[X]`` export directory.
 
     Every row but the paragon carries negative/positive flip rates against the paragon's top-1.
@@ -32,7 +33,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
     ql, gl = queries.labels, gallery.labels
     g_cloud = np.asarray(cloud_targets(cloud, gallery, progress=progress))
     q_cloud = embed_images(cloud.model, queries, prep, progress=progress, desc="cloud queries")
-    rows = [retrieval_row("cloud", "cloud", "torch", q_cloud, ql, g_cloud, gl)]
+    rows = [retrieval_row(reference, reference, "torch", q_cloud, ql, g_cloud, gl)]
     paragon_ok = top1_correct(q_cloud, ql, g_cloud, gl)
 
     def row(query_model: str, gallery_model: str, runtime: str, q: np.ndarray, g: np.ndarray) -> None:
@@ -48,7 +49,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
         if ckpt.role != "control":
             g = embed_images(ckpt.model, gallery, prep, progress=progress, desc=f"{name} gallery")
             row(name, name, "torch", q, g)
-        row(name, "cloud", "torch", q, g_cloud)
+        row(name, reference, "torch", q, g_cloud)
         if name in artifacts:
             from devices import create_runner, open_artifact
             from export import fidelity
@@ -62,7 +63,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
             with create_runner(artifacts[name], "onnxruntime") as runner:
                 q_art = runner.embed(q_inputs)
                 runtime = runner.runtime
-            row(name, "cloud", runtime, q_art, g_cloud)
+            row(name, reference, runtime, q_art, g_cloud)
             fid = fidelity(q, q_art)
             exports.append({"edge": name, "format": art.format, "precision": art.entry.get("precision"),
                             "path": str(art.path), "sha256": art.entry["sha256"], "min_cosine": fid["min_cosine"],

@@ -19,6 +19,9 @@ class ModelSpec:
     backbone: str
     dim: int = 128
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    # "hetero": a registered backbone + projection + L2 norm. "torchvision" (backbone = model name) or
+    # "factory" (backbone = "module:callable"): a bring-your-own model whose output is the embedding.
+    kind: str = "hetero"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -26,7 +29,8 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
         try:
-            return cls(backbone=str(d["backbone"]), dim=int(d["dim"]), backbone_kwargs=dict(d.get("backbone_kwargs", {})))
+            return cls(backbone=str(d["backbone"]), dim=int(d["dim"]), backbone_kwargs=dict(d.get("backbone_kwargs", {})),
+                       kind=str(d.get("kind", "hetero")))
         except (KeyError, TypeError, ValueError) as e:
             raise HeteroError(f"model description is malformed ({e!r}); the checkpoint JSON is damaged") from None
 
@@ -46,7 +50,26 @@ class EmbeddingModel(nn.Module):
         return F.normalize(self.proj(self.backbone(x)), dim=1)
 
 
-def create_embedding_model(spec: ModelSpec, in_channels: int) -> EmbeddingModel:
+class ExternalEmbeddingModel(nn.Module):
+    """A bring-your-own network whose output is taken as the embedding, then L2-normalised."""
+
+    def __init__(self, net: nn.Module, dim: int):
+        super().__init__()
+        self.net = net
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return F.normalize(torch.flatten(out, 1), dim=1)
+
+
+def create_embedding_model(spec: ModelSpec, in_channels: int) -> nn.Module:
+    if spec.kind != "hetero":
+        from hetero.byo import create_external
+
+        return ExternalEmbeddingModel(create_external(spec), spec.dim)
     kwargs = {**spec.backbone_kwargs, "in_channels": in_channels}
     return EmbeddingModel(create_backbone(spec.backbone, **kwargs), spec.dim)
 

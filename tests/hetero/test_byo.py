@@ -1,0 +1,125 @@
+"""Bring-your-own cloud: torchvision (random init) and module:factory models, weights files,
+classifier fitting, and training an edge model into such a space."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hetero.byo import fit_classifier, import_cloud, load_weights_file
+from hetero.checkpoint import load_checkpoint, save_checkpoint
+from hetero.cli import main
+from hetero.data import Preprocess, synthetic_dataset
+from hetero.errors import HeteroError
+from hetero.train import TrainConfig, train_edge
+
+PREP = Preprocess(32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+@pytest.fixture(scope="module")
+def tv_weights(tmp_path_factory):
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=16)
+    d = tmp_path_factory.mktemp("byo")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(d / "r18.safetensors"))
+    torch.save(net.state_dict(), d / "r18.pt")
+    return d
+
+
+@pytest.fixture(scope="module")
+def rgb_data():
+    return synthetic_dataset(300, num_classes=4, size=32, channels=3, seed=0), synthetic_dataset(80, num_classes=4, size=32, channels=3, seed=1)
+
+
+def test_torchvision_model_imports_frozen_fingerprinted_and_round_trips(tmp_path, tv_weights):
+    ckpt = import_cloud("torchvision", "resnet18", tv_weights / "r18.safetensors", 16, PREP, model_kwargs={"num_classes": 16})
+    assert ckpt.role == "cloud" and ckpt.classifier is None and ckpt.space == ckpt.fingerprint
+    assert not any(p.requires_grad for p in ckpt.model.parameters())
+    same = import_cloud("torchvision", "resnet18", tv_weights / "r18.pt", 16, PREP, model_kwargs={"num_classes": 16})
+    assert same.space == ckpt.space  # .pt state dict and safetensors give the same space
+    save_checkpoint(ckpt, tmp_path / "c")
+    back = load_checkpoint(tmp_path / "c")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = back.model(x)
+        assert torch.allclose(out, ckpt.model(x), atol=1e-6)
+    assert out.shape == (3, 16) and torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert json.loads((tmp_path / "c" / "hetero.json").read_text())["model"]["kind"] == "torchvision"
+
+
+def test_declared_dim_and_input_are_checked(tv_weights):
+    with pytest.raises(HeteroError, match="outputs 16-dim embeddings but --dim says 128"):
+        import_cloud("torchvision", "resnet18", tv_weights / "r18.safetensors", 128, PREP, model_kwargs={"num_classes": 16})
+    with pytest.raises(HeteroError, match="do not fit"):
+        import_cloud("torchvision", "resnet34", tv_weights / "r18.safetensors", 16, PREP, model_kwargs={"num_classes": 16})
+    with pytest.raises(HeteroError, match="fails on input"):
+        import_cloud("torchvision", "resnet18", tv_weights / "r18.safetensors", 16, Preprocess(32, 1, (0.5,), (0.25,)),
+                     model_kwargs={"num_classes": 16})
+    with pytest.raises(HeteroError, match="cannot import"):
+        import_cloud("factory", "no_such_module:make", tv_weights / "r18.safetensors", 16, PREP)
+    with pytest.raises(HeteroError, match="no model 'resnet9000'"):
+        import_cloud("torchvision", "resnet9000", tv_weights / "r18.safetensors", 16, PREP)
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_objects_are_never_unpickled(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"w": _Evil(str(marker))}))
+    with pytest.raises(HeteroError, match="refusing to unpickle"):
+        load_weights_file(tmp_path / "evil.pt")
+    assert not marker.exists()
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(HeteroError, match="not a readable safetensors"):
+        load_weights_file(tmp_path / "bad.safetensors")
+    with pytest.raises(HeteroError, match="no such file"):
+        load_weights_file(tmp_path / "missing.pt")
+
+
+def test_factory_model_and_fit_classifier_enable_influence(tmp_path, rgb_data):
+    save_file({}, str(tmp_path / "none.safetensors"))
+    prep = Preprocess(32, 3, (0.5,) * 3, (0.25,) * 3)
+    # a parameter-free "cloud" from a module:callable path: 4x4 average pooling, 3 x 4 x 4 = 48 dims
+    cloud = import_cloud("factory", "torch.nn:AdaptiveAvgPool2d", tmp_path / "none.safetensors", 48, prep,
+                         model_kwargs={"output_size": 4})
+    with pytest.raises(HeteroError, match="no classifier"):
+        train_edge(TrainConfig(model="test_mobilenet", dim=48, epochs=1), cloud, rgb_data[0], progress=False)
+    plain = train_edge(TrainConfig(model="test_mobilenet", dim=48, epochs=1, losses={"alignment": 1.0}), cloud, rgb_data[0],
+                       progress=False)
+    assert plain.space == cloud.space
+    fitted = fit_classifier(cloud, rgb_data[0], epochs=5, progress=False)
+    assert fitted.classifier.num_classes == 4 and fitted.space != cloud.space
+    assert fitted.info["classifier_train_accuracy"] > 0.9  # synthetic classes are separable by colour templates
+    assert fitted.model is cloud.model
+    edge = train_edge(TrainConfig(model="test_mobilenet", dim=48, epochs=1), fitted, rgb_data[0], progress=False)
+    assert edge.space == fitted.space and "influence" in edge.info["history"][-1]
+
+
+def test_cli_import_and_fit(tmp_path, tv_weights, capsys):
+    common = ["--torchvision", "resnet18", "--model-kwargs", "num_classes=16", "--dim", "16", "--size", "32"]
+    assert main(["import-cloud", "--out", str(tmp_path / "c"), "--weights", str(tv_weights / "r18.safetensors"), *common]) == 0
+    assert main(["fit-classifier", "--cloud", str(tmp_path / "c"), "--out", str(tmp_path / "cf"), "--data", "synthetic",
+                 "--epochs", "2", "--quiet"]) == 0
+    assert load_checkpoint(tmp_path / "cf").classifier.num_classes == 10
+    capsys.readouterr()
+    import pickle
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(_Evil(str(tmp_path / "pwned"))))
+    assert main(["import-cloud", "--out", str(tmp_path / "e"), "--weights", str(tmp_path / "evil.pt"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "refusing to unpickle" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "e").exists() and not (tmp_path / "pwned").exists()
+    assert main(["import-cloud", "--out", str(tmp_path / "d"), "--weights", str(tv_weights / "r18.safetensors"),
+                 *common[:-4], "--dim", "64", "--size", "32"]) == 2
+    assert "--dim 16" in capsys.readouterr().err
