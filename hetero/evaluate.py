@@ -16,8 +16,8 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
     and X->cloud through onnxruntime for every ``artifacts[X]`` export directory.
 
     Every row but the paragon carries negative/positive flip rates against the paragon's top-1.
-    Returns ``{"retrieval": rows, "exports": rows}``. Every model must live in the cloud's space except
-    controls, which are compared on purpose.
+    Returns ``{"retrieval": rows, "exports": rows}``. Every ``edge`` model must live in the cloud's
+    space; controls and independently trained clouds are compared on purpose.
     """
     from hetero.checkpoint import check_same_space
     from hetero.embed import cloud_targets, embed_images
@@ -26,7 +26,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
 
     artifacts = artifacts or {}
     for name, ckpt in edges.items():
-        if ckpt.role != "control":
+        if ckpt.role == "edge":  # controls and independent models are compared on purpose
             check_same_space(ckpt, cloud)
     prep = cloud.preprocess
     queries, gallery = queries.conform(prep), gallery.conform(prep)
@@ -46,7 +46,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
     q_inputs = None
     for name, ckpt in edges.items():
         q = embed_images(ckpt.model, queries, prep, progress=progress, desc=f"{name} queries")
-        if ckpt.role != "control":
+        if ckpt.role != "control":  # a control's own gallery is not part of the protocol
             g = embed_images(ckpt.model, gallery, prep, progress=progress, desc=f"{name} gallery")
             row(name, name, "torch", q, g)
         row(name, reference, "torch", q, g_cloud)

@@ -63,7 +63,8 @@ def compatibility(rows: list[dict[str, Any]], edges: list[str], cloud: str) -> l
             continue
         out.append({"edge": e, "criterion_met": bool(het["map_at_r"] > hom["map_at_r"]),
                     "edge_to_cloud_map_at_r": het["map_at_r"], "edge_to_edge_map_at_r": hom["map_at_r"],
-                    "gap_to_paragon_map_at_r": paragon["map_at_r"] - het["map_at_r"]})
+                    "gap_to_paragon_map_at_r": paragon["map_at_r"] - het["map_at_r"],
+                    "negative_flip_rate": het.get("negative_flip_rate"), "positive_flip_rate": het.get("positive_flip_rate")})
     return out
 
 

@@ -41,6 +41,10 @@ def test_demo_slice_on_a_fashion_mnist_subset(tmp_path):
     (c,) = rep["compatibility"]
     assert c["edge"] == "edge" and c["criterion_met"] == (het > rows[("edge", "edge", "torch")]["map_at_r"])
     assert c["gap_to_paragon_map_at_r"] == pytest.approx(paragon - het)
+    for key, r in rows.items():
+        if key != ("cloud", "cloud", "torch"):
+            assert 0 <= r["negative_flip_rate"] <= 1 and 0 <= r["positive_flip_rate"] <= 1
+    assert c["negative_flip_rate"] == rows[("edge", "cloud", "torch")]["negative_flip_rate"]
     (x,) = rep["exports"]
     assert x["format"] == "onnx" and x["min_cosine"] >= 0.99999 and (out / x["path"]).is_file()
     manifest = json.loads((out / "export" / "manifest.json").read_text())
