@@ -247,7 +247,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hetero.evaluate import evaluate
 
     evaluate(args.cloud, args.edge, artifact=args.artifact, data=args.data, query_limit=args.query_limit,
-             gallery_limit=args.gallery_limit, out=args.out, progress=not args.quiet)
+             gallery_limit=args.gallery_limit, out=args.out, progress=not args.quiet, update=args.update)
     return 0
 
 
@@ -314,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-limit", type=int)
     p.add_argument("--gallery-limit", type=int)
     p.add_argument("--out", help="write report.json and report.md to this directory")
+    p.add_argument("--update", action="store_true", help="name the rows old/new: --cloud is the old cloud, --edge the new "
+                                                         "cloud model trained compatible with it")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -74,8 +74,9 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
 
 def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, data: str | None = None,
              query_limit: int | None = None, gallery_limit: int | None = None, out: str | None = None,
-             progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """`hetero evaluate`: test split = queries, train split = gallery."""
+             progress: bool = True, update: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`hetero evaluate`: test split = queries, train split = gallery. ``update=True`` names the rows
+    old/new (a backward-compatible cloud update: new->old, old->old, new->new)."""
     from hetero._atomic import atomic_dir, write_json_atomic, write_text_atomic
     from hetero.checkpoint import load_checkpoint
     from hetero.data import load_dataset
@@ -83,19 +84,19 @@ def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, da
 
     cloud = load_checkpoint(cloud_path, role="cloud")
     edge = load_checkpoint(edge_path, role=("edge", "control"))
-    name = edge.role
+    name, ref = ("new", "old") if update else (edge.role, "cloud")
     queries, gallery = load_dataset(data, "test"), load_dataset(data, "train")
     if tuple(queries.classes) != tuple(gallery.classes):
         raise HeteroError("the dataset's test and train splits have different classes; fix the folders")
     queries = queries.subset(query_limit) if query_limit else queries
     gallery = gallery.subset(gallery_limit) if gallery_limit else gallery
     scored = score_models(cloud, {name: edge}, queries, gallery,
-                          artifacts={name: Path(artifact)} if artifact else None, progress=progress)
+                          artifacts={name: Path(artifact)} if artifact else None, progress=progress, reference=ref)
     report = {
         "title": f"hetero evaluate: {edge_path} against {cloud_path}",
         "queries": f"{queries.name} ({len(queries)})", "gallery": f"{gallery.name} ({len(gallery)}), cloud-embedded",
-        "host": host_info(), "models": [model_row("cloud", cloud), model_row(name, edge)],
-        **scored, "compatibility": compatibility(scored["retrieval"], [name] if name == "edge" else [], "cloud"),
+        "host": host_info(), "models": [model_row(ref, cloud), model_row(name, edge)],
+        **scored, "compatibility": compatibility(scored["retrieval"], [name] if edge.role == "edge" else [], ref),
     }
     log(format_table(report["retrieval"]))
     for c in report["compatibility"]:

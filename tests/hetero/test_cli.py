@@ -54,6 +54,14 @@ def test_train_export_evaluate(trained, tmp_path, capsys):
     assert (tmp_path / "rep" / "report.md").read_text().startswith("# hetero evaluate")
 
 
+def test_evaluate_as_update_names_rows_old_and_new(trained, tmp_path, capsys):
+    code, out, _ = run(capsys, "evaluate", "--cloud", trained / "cloud", "--edge", trained / "edge", "--update",
+                       "--data", "synthetic", "--out", tmp_path / "u", "--quiet")
+    assert code == 0
+    rows = json.loads((tmp_path / "u" / "report.json").read_text())["retrieval"]
+    assert [(r["query_model"], r["gallery_model"]) for r in rows] == [("old", "old"), ("new", "new"), ("new", "old")]
+
+
 def test_control_and_config_file(trained, tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "test_mobilenet"\nepochs = 1\nlimit = 200\n')
