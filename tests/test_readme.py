@@ -14,10 +14,21 @@ SHRINK = {
     "train-edge": ["--data", "synthetic", "--limit", "400", "--epochs", "1"],
     "evaluate": ["--data", "synthetic", "--quiet"],
     "export": ["--check-samples", "200"],
+    "fit-classifier": ["--data", "synthetic", "--epochs", "1", "--quiet"],
     "demo": ["--train-limit", "500", "--gallery-limit", "1000", "--query-limit", "200", "--cloud-epochs", "1",
              "--edge-epochs", "1", "--quiet"],
 }
-MODELS = {"resnet20": "test_resnet", "mobilenet_w050": "test_mobilenet"}
+MODELS = {"resnet20": "test_resnet", "resnet32": "test_resnet", "mobilenet_w050": "test_mobilenet",
+          "resnet18": "mobilenet_v3_small"}  # the BYO example's torchvision model, shrunk too
+
+
+def write_byo_weights(cwd: Path) -> None:
+    """The weights file the README's import-cloud line names, for the (shrunk) torchvision model."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    net = torchvision.models.get_model(MODELS["resnet18"], weights=None, num_classes=128)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(cwd / "r18.safetensors"))
 
 
 def blocks(lang: str) -> list[str]:
@@ -42,14 +53,16 @@ def test_readme_shows_the_two_commands_first():
 @pytest.mark.slow
 def test_readme_cli_and_snippets_run(tmp_path):
     cmds = cli_commands()
-    assert {c[1] for c in cmds} >= {"train-cloud", "train-edge", "export", "evaluate", "demo", "data", "models"}
+    assert {c[1] for c in cmds} >= {"train-cloud", "train-edge", "export", "evaluate", "demo", "data", "models",
+                                    "import-cloud", "fit-classifier"}
     exe = Path(sys.executable).with_name("hetero")
+    write_byo_weights(tmp_path)
     for cmd in cmds:
         args = [MODELS.get(a, a) for a in cmd[1:]] + SHRINK.get(cmd[1], [])
         p = subprocess.run([str(exe), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                            env={**os.environ})
         assert p.returncode == 0, f"{' '.join(cmd)}: {p.stderr[-1500:]}"
-    assert (tmp_path / "runs" / "eval" / "report.json").is_file()
+    assert (tmp_path / "runs" / "eval" / "report.json").is_file() and (tmp_path / "runs" / "update" / "report.json").is_file()
     snippets = blocks("python")
     assert len(snippets) >= 2
     for code in snippets:
