@@ -59,3 +59,17 @@ def test_bad_training_options(tiny_cloud, tiny_edge, synth):
 def test_divergence_is_reported(tiny_cloud, synth):
     with pytest.raises(HeteroError, match="diverged"):
         train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, lr=1e30, limit=256), tiny_cloud, synth[0], progress=False)
+
+
+def test_online_targets_follow_the_augmented_batch(tiny_cloud, synth, tmp_path, monkeypatch):
+    monkeypatch.setenv("HETERO_CACHE", str(tmp_path))
+    cfg = TrainConfig(model="test_mobilenet", dim=16, epochs=1, batch_size=64, limit=256, augment=True,
+                      losses={"alignment": 1.0})
+    assert cfg.online_targets
+    edge = train_edge(cfg, tiny_cloud, synth[0], progress=False)
+    assert edge.info["history"][0]["alignment"] < 2.0
+    assert not (tmp_path / "targets").exists()  # nothing cached: targets came from the frozen cloud per batch
+    with pytest.raises(HeteroError, match="--targets online"):
+        TrainConfig(augment=True, targets="cached")
+    with pytest.raises(HeteroError, match="--targets"):
+        TrainConfig(targets="sometimes")
