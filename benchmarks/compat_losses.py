@@ -3,7 +3,7 @@ train (60k) embedded by the cloud. One row per loss recipe and edge size, plus t
 plain logit distillation. Rows are appended to ``--out`` (JSON) as they finish, so an interrupted
 run resumes where it stopped; the markdown table next to it is rewritten after every row.
 
-    python benchmarks/compat_losses.py                       # full: ResNet-20 cloud 10 epochs, edges 8 epochs
+    python benchmarks/compat_losses.py                       # full: ResNet-20 cloud 10 epochs (margin 0.2), edges 8 epochs
     python benchmarks/compat_losses.py --edge-epochs 1 --limit 5000 --out /tmp/smoke.json   # smoke run
 
 Every number is measured on the machine that runs it; the JSON records host and date per row.
@@ -70,6 +70,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cloud", default="runs/bench/cloud", help="cloud checkpoint; trained there if missing")
     ap.add_argument("--cloud-epochs", type=int, default=10)
+    ap.add_argument("--cloud-margin", type=float, default=0.2, help="CosFace margin of the cloud's classifier")
     ap.add_argument("--edge-epochs", type=int, default=8)
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from: " + ", ".join(RECIPES))
@@ -82,8 +83,10 @@ def main() -> int:
     if Path(args.cloud, "hetero.json").is_file():
         cloud = load_checkpoint(args.cloud, role="cloud")
     else:
-        print(f"training the cloud (resnet20, {args.cloud_epochs} epochs, augmented) -> {args.cloud}", flush=True)
-        cloud = train_cloud(TrainConfig(model="resnet20", epochs=args.cloud_epochs, augment=True, limit=args.limit), train, PREP)
+        print(f"training the cloud (resnet20, {args.cloud_epochs} epochs, augmented, margin {args.cloud_margin}) -> {args.cloud}",
+              flush=True)
+        cloud = train_cloud(TrainConfig(model="resnet20", epochs=args.cloud_epochs, augment=True, margin=args.cloud_margin,
+                                        limit=args.limit), train, PREP)
         save_checkpoint(cloud, args.cloud)
     g_cloud = np.asarray(cloud_targets(cloud, train))
     q_cloud = embed_images(cloud.model, test, PREP, desc="cloud queries")

@@ -2,7 +2,6 @@
 classifier fitting, and training an edge model into such a space."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
