@@ -99,7 +99,7 @@ def _add_train_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
     p.add_argument("--limit", type=int, help="train on the first N images only")
     p.add_argument("--margin", type=float, help="CosFace margin of the model's own cosine classifier (default 0; "
-                                                "0.2 gives tighter clusters and a higher mAP@R)")
+                                                "0.2 gives tighter clusters and a higher mAP@R; train-edge: the ce loss's classifier)")
     p.add_argument("--augment", action="store_true", help="random flips and 2-px shifts")
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="TOML/JSON file of training options; flags override it")

@@ -133,7 +133,10 @@ def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, prog
     if cfg.dim != cloud.spec.dim:
         raise HeteroError(f"--dim {cfg.dim} differs from the cloud's embedding dim {cloud.spec.dim}; use --dim {cloud.spec.dim}")
     ctx = LossContext(dim=cfg.dim, num_classes=len(train_set.classes))
-    loss_fn = WeightedLoss(dict(cfg.losses), ctx, cfg.loss_options) if cfg.compat else None
+    options = {k: dict(v) for k, v in cfg.loss_options.items()}
+    if "ce" in cfg.losses:  # the model's own classifier: --scale/--margin apply unless ce.* options say otherwise
+        options["ce"] = {"scale": cfg.scale, "margin": cfg.margin, **options.get("ce", {})}
+    loss_fn = WeightedLoss(dict(cfg.losses), ctx, options) if cfg.compat else None
     if loss_fn is not None and loss_fn.needs_classifier:
         if cloud.classifier is None:
             raise HeteroError(f"the cloud checkpoint {cloud.path} has no classifier, which the influence and logit_distill losses "

@@ -35,7 +35,7 @@ def test_demo_slice_on_a_fashion_mnist_subset(tmp_path):
         assert r["query_model"] in models and r["gallery_model"] in models
     paragon = rows[("cloud", "cloud", "torch")]["map_at_r"]
     het = rows[("edge", "cloud", "torch")]["map_at_r"]
-    assert paragon > 0.3  # chance is about 0.1
+    assert paragon > 0.3  # chance: mAP@R about 0.01 (10 classes), R@1 about 0.1
     assert abs(rows[("edge", "cloud", "onnxruntime")]["map_at_r"] - het) < 1e-3
     assert rows[("control", "cloud", "torch")]["map_at_r"] < 0.2 < het
     (c,) = rep["compatibility"]

@@ -12,7 +12,7 @@ def test_cloud_training_learns(tiny_cloud, synth, prep):
     assert hist[-1]["total"] < hist[0]["total"]
     q = embed_images(tiny_cloud.model, synth[1], prep, progress=False)
     g = embed_images(tiny_cloud.model, synth[0], prep, progress=False)
-    assert retrieval_metrics(q, synth[1].labels, g, synth[0].labels)["map_at_r"] > 0.5  # chance is ~0.1
+    assert retrieval_metrics(q, synth[1].labels, g, synth[0].labels)["map_at_r"] > 0.5  # chance is about 0.01 (10 classes)
 
 
 def test_compatible_edge_beats_control_against_the_cloud_gallery(tiny_cloud, tiny_edge, synth, prep):

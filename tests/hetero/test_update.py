@@ -29,3 +29,11 @@ def test_report_shows_new_to_old_old_to_old_and_new_to_new(update, tiny_cloud, s
     assert {("old", "old"), ("new", "new"), ("new", "old"), ("independent", "old")} <= set(rows)
     assert rows[("new", "old")]["map_at_r"] > rows[("independent", "old")]["map_at_r"] + 0.2
     assert rows[("new", "old")]["negative_flip_rate"] < rows[("independent", "old")]["negative_flip_rate"]
+
+
+def test_margin_and_scale_reach_the_new_models_own_classifier(tiny_cloud, synth):
+    cfg = dict(model="test_resnet", dim=16, epochs=1, batch_size=64, limit=128, losses={"influence": 1.0, "ce": 1.0})
+    new = train_edge(TrainConfig(**cfg, margin=0.2, scale=10.0), tiny_cloud, synth[0], progress=False)
+    assert (new.classifier.margin, new.classifier.scale) == (0.2, 10.0)
+    new = train_edge(TrainConfig(**cfg, margin=0.2, loss_options={"ce": {"margin": 0.3}}), tiny_cloud, synth[0], progress=False)
+    assert new.classifier.margin == 0.3  # an explicit ce.margin wins
