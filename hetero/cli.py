@@ -129,6 +129,25 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from hetero.embed import cache_dir, cache_entries, clear_cache
+
+    where = cache_dir() / "targets"
+    if args.clear:
+        gone = clear_cache(args.space)
+        print(f"deleted {len(gone)} cached target file(s), {sum(r['bytes'] for r in gone) / 1e6:.1f} MB, from {where}")
+        return 0
+    rows = [r for r in cache_entries() if not args.space or r["space"].startswith(args.space)]
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["mtime"]))
+        print(f"space {r['space']}  data {r['data']}  {r['images']:>7} images  {r['bytes'] / 1e6:7.1f} MB  {when}")
+    print(f"{len(rows)} file(s), {sum(r['bytes'] for r in rows) / 1e6:.1f} MB in {where} ($HETERO_CACHE moves it); "
+          "`hetero cache --clear` deletes them")
+    return 0
+
+
 def cmd_train_cloud(args: argparse.Namespace) -> int:
     from hetero._atomic import check_writable_dest
     from hetero.checkpoint import save_checkpoint
@@ -349,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="find (or download) the dataset and describe it")
     p.add_argument("--data")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("cache", help="list (or --clear) the cached cloud targets that train-edge writes")
+    p.add_argument("--clear", action="store_true", help="delete them (they are recomputed when next needed)")
+    p.add_argument("--space", help="only the targets of spaces whose fingerprint starts with this")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("models", help="list registered backbones with params and FLOPs")
     p.set_defaults(func=cmd_models)

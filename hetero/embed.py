@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,37 @@ def cloud_targets(cloud, ds: ImageSet, *, progress: bool = True, directory: Path
         np.save(f, emb, allow_pickle=False)
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+_ENTRY = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-(\d+)\.npy$")
+
+
+def cache_entries(directory: Path | None = None) -> list[dict]:
+    """The cached cloud-target files (newest first): path, space and data-digest prefixes, images, bytes.
+
+    Only files named as :func:`cloud_targets` names them are listed; anything else is left alone."""
+    directory = Path(directory) if directory else cache_dir() / "targets"
+    if not directory.is_dir():
+        return []
+    rows = []
+    for p in directory.iterdir():
+        m = _ENTRY.match(p.name)
+        if m and p.is_file():
+            st = p.stat()
+            rows.append({"path": p, "space": m[1], "data": m[2], "images": int(m[3]), "bytes": st.st_size,
+                         "mtime": st.st_mtime})
+    return sorted(rows, key=lambda r: r["mtime"], reverse=True)
+
+
+def clear_cache(space: str | None = None, directory: Path | None = None) -> list[dict]:
+    """Delete cached cloud targets (those of spaces starting with ``space``, or all); returns what went.
+
+    Targets are recomputed on the next ``train-edge`` that needs them."""
+    if space is not None and not re.fullmatch(r"[0-9a-f]{1,64}", space):
+        raise HeteroError(f"--space must be a hex fingerprint prefix (see `hetero cache`), got {space!r}")
+    gone = []
+    for r in cache_entries(directory):
+        if space is None or r["space"].startswith(space[:16]):
+            r["path"].unlink(missing_ok=True)
+            gone.append(r)
+    return gone

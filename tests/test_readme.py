@@ -53,7 +53,7 @@ def test_readme_shows_the_two_commands_first():
 @pytest.mark.slow
 def test_readme_cli_and_snippets_run(tmp_path):
     cmds = cli_commands()
-    assert {c[1] for c in cmds} >= {"train-cloud", "train-edge", "export", "evaluate", "demo", "data", "models",
+    assert {c[1] for c in cmds} >= {"train-cloud", "train-edge", "export", "evaluate", "demo", "data", "models", "cache",
                                     "import-cloud", "fit-classifier"}
     exe = Path(sys.executable).with_name("hetero")
     write_byo_weights(tmp_path)

@@ -165,3 +165,22 @@ def test_image_folder_rgb_any_size(tmp_path, capsys):
     code, out, _ = run(capsys, "evaluate", "--cloud", tmp_path / "c", "--edge", tmp_path / "e", "--artifact", tmp_path / "x",
                        *data, "--quiet")
     assert code == 0 and "onnxruntime" in out
+
+
+def test_cache_lists_and_clears_only_target_files(tmp_path, monkeypatch, capsys, tiny_cloud, synth):
+    from hetero.embed import cloud_targets
+
+    monkeypatch.setenv("HETERO_CACHE", str(tmp_path))
+    cloud_targets(tiny_cloud, synth[0], progress=False)
+    cloud_targets(tiny_cloud, synth[1], progress=False)
+    (tmp_path / "targets" / "notes.txt").write_text("not ours")
+    code, out, _ = run(capsys, "cache")
+    assert code == 0 and out.count(f"space {tiny_cloud.space[:16]}") == 2 and "2 file(s)" in out
+    code, out, _ = run(capsys, "cache", "--clear", "--space", "ffff")  # another space: nothing goes
+    assert code == 0 and "deleted 0" in out and len(list((tmp_path / "targets").glob("*.npy"))) == 2
+    code, err = run(capsys, "cache", "--clear", "--space", "../x")[::2]
+    assert "hex fingerprint prefix" in one_line_error(code, err)
+    code, out, _ = run(capsys, "cache", "--clear", "--space", tiny_cloud.space[:8])
+    assert code == 0 and "deleted 2" in out
+    assert [p.name for p in (tmp_path / "targets").iterdir()] == ["notes.txt"]
+    assert "0 file(s)" in run(capsys, "cache")[1]
