@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from hetero._progress import progress_bar
 from hetero.data import ImageSet, Preprocess, iterate_batches
 from hetero.errors import HeteroError
 
@@ -19,7 +19,7 @@ def embed_images(model: torch.nn.Module, ds: ImageSet, prep: Preprocess, *, batc
     """Embed every image of ``ds`` (in order) -> float32 [N, dim]."""
     model.eval()
     out: list[np.ndarray] = []
-    bar = tqdm(total=len(ds), desc=desc, unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=len(ds), desc=desc, unit="img", disable=not progress, leave=False)
     for x, _, _ in iterate_batches(ds.conform(prep), prep, batch_size):
         out.append(model(x).float().numpy())
         bar.update(len(x))

@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from hetero._progress import progress_bar
 from hetero.checkpoint import Checkpoint
 from hetero.data import ImageSet, Preprocess, iterate_batches
 from hetero.embed import cloud_targets
@@ -76,7 +76,7 @@ def _fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], ds: I
         sums: dict[str, float] = {}
         n = 0
         t0 = time.perf_counter()
-        bar = tqdm(total=len(ds), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="img", disable=not progress, leave=False)
+        bar = progress_bar(total=len(ds), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="img", disable=not progress, leave=False)
         for x, y, idx in iterate_batches(ds, prep, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, augment=cfg.augment):
             terms = step(x, y, idx)
             loss = terms["total"]

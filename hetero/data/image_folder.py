@@ -1,7 +1,6 @@
 """ImageFolder datasets: one sub-folder per class, images of any size and channel count."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +89,7 @@ def load_image_folder(
     class's sorted files are split deterministically: every 5th file is "test", the rest "train".
     ``channels`` defaults to 3 if any image has colour, else 1.
     """
-    from tqdm import tqdm
+    from hetero._progress import progress_bar
 
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -125,8 +124,8 @@ def load_image_folder(
 
     arrays: list[np.ndarray] = []
     color = False
-    for path, _ in tqdm(items, desc=f"loading {folder.name}/{split}", file=sys.stderr,
-                        disable=len(items) <= _PROGRESS_MIN, unit="img"):
+    for path, _ in progress_bar(items, desc=f"loading {folder.name}/{split}",
+                                disable=len(items) <= _PROGRESS_MIN, unit="img"):
         arr, has_color = _load_one(path, size, channels)
         arrays.append(arr)
         color |= has_color
