@@ -139,7 +139,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         gone = clear_cache(args.space)
         print(f"deleted {len(gone)} cached target file(s), {sum(r['bytes'] for r in gone) / 1e6:.1f} MB, from {where}")
         return 0
-    rows = [r for r in cache_entries() if not args.space or r["space"].startswith(args.space)]
+    rows = cache_entries(args.space)
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["mtime"]))
         print(f"space {r['space']}  data {r['data']}  {r['images']:>7} images  {r['bytes'] / 1e6:7.1f} MB  {when}")

@@ -60,17 +60,20 @@ def cloud_targets(cloud, ds: ImageSet, *, progress: bool = True, directory: Path
 _ENTRY = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-(\d+)\.npy$")
 
 
-def cache_entries(directory: Path | None = None) -> list[dict]:
-    """The cached cloud-target files (newest first): path, space and data-digest prefixes, images, bytes.
+def cache_entries(space: str | None = None, directory: Path | None = None) -> list[dict]:
+    """The cached cloud-target files (newest first), of spaces whose fingerprint starts with ``space``
+    if given: path, space and data-digest prefixes, images, bytes, mtime.
 
     Only files named as :func:`cloud_targets` names them are listed; anything else is left alone."""
+    if space is not None and not re.fullmatch(r"[0-9a-f]{1,64}", space):
+        raise HeteroError(f"--space must be a hex fingerprint prefix (see `hetero cache`), got {space!r}")
     directory = Path(directory) if directory else cache_dir() / "targets"
     if not directory.is_dir():
         return []
     rows = []
     for p in directory.iterdir():
         m = _ENTRY.match(p.name)
-        if m and p.is_file():
+        if m and p.is_file() and (space is None or m[1].startswith(space[:16])):  # file names keep 16 hex digits
             st = p.stat()
             rows.append({"path": p, "space": m[1], "data": m[2], "images": int(m[3]), "bytes": st.st_size,
                          "mtime": st.st_mtime})
@@ -78,14 +81,10 @@ def cache_entries(directory: Path | None = None) -> list[dict]:
 
 
 def clear_cache(space: str | None = None, directory: Path | None = None) -> list[dict]:
-    """Delete cached cloud targets (those of spaces starting with ``space``, or all); returns what went.
+    """Delete the cached cloud targets :func:`cache_entries` lists; returns what went.
 
     Targets are recomputed on the next ``train-edge`` that needs them."""
-    if space is not None and not re.fullmatch(r"[0-9a-f]{1,64}", space):
-        raise HeteroError(f"--space must be a hex fingerprint prefix (see `hetero cache`), got {space!r}")
-    gone = []
-    for r in cache_entries(directory):
-        if space is None or r["space"].startswith(space[:16]):
-            r["path"].unlink(missing_ok=True)
-            gone.append(r)
+    gone = cache_entries(space, directory)
+    for r in gone:
+        r["path"].unlink(missing_ok=True)
     return gone
