@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hetero._atomic import write_json_atomic, write_text_atomic
@@ -30,12 +29,12 @@ from hetero.checkpoint import load_checkpoint, save_checkpoint
 from hetero.cost import count_flops
 from hetero.data import FASHION_MNIST_PREPROCESS as PREP
 from hetero.data import load_dataset
-from hetero.embed import cloud_targets, embed_images
 from hetero.errors import HeteroError
-from hetero.flips import flip_rates, top1_correct
-from hetero.metrics import retrieval_metrics
+from hetero.evaluate import score_models
 from hetero.report import host_info
 from hetero.train import TrainConfig, train_cloud, train_edge
+
+FLIPS = ("negative_flip_rate", "positive_flip_rate")
 
 
 def markdown(state: dict) -> str:
@@ -75,18 +74,12 @@ def main() -> int:
         raise HeteroError(f"no old cloud at {args.old}; run benchmarks/compat_losses.py first (it trains one) or pass --old")
     old = load_checkpoint(args.old, role="cloud")
     train, test = load_dataset(None, "train"), load_dataset(None, "test")
-    g_old = np.asarray(cloud_targets(old, train))
-    q_old = embed_images(old.model, test, PREP, desc="old queries")
-    old_old = retrieval_metrics(q_old, test.labels, g_old, train.labels)
-    old_ok = top1_correct(q_old, test.labels, g_old, train.labels)
-    print(f"old->old mAP@R {old_old['map_at_r']:.4f} (old cloud {old.space[:12]})", flush=True)
 
     out = Path(args.out)
     state = json.loads(out.read_text()) if out.is_file() else {}
     if state.get("old_space") != old.space:
         state = {"old_space": old.space, "rows": []}
-    state.update({"old": {"model": old.spec.backbone, "config": old.config, "flops": count_flops(old.model, (1, 28, 28)),
-                          "old_to_old": old_old},
+    state.update({"old": {"model": old.spec.backbone, "config": old.config, "flops": count_flops(old.model, (1, 28, 28))},
                   "label": "measured", "protocol": "queries: Fashion-MNIST test (10k); gallery: train (60k)"})
     done = {(r["model"], r["training"], r["epochs"], r.get("limit")) for r in state["rows"]}
     for training in args.trainings.split(","):
@@ -110,15 +103,15 @@ def main() -> int:
             train_s = time.perf_counter() - t0
             new.info["train_seconds"] = train_s
             save_checkpoint(new, path)
-        q_new = embed_images(new.model, test, PREP, desc="new queries")
-        g_new = embed_images(new.model, train, PREP, desc="new gallery")
-        new_old = retrieval_metrics(q_new, test.labels, g_old, train.labels)
-        new_new = retrieval_metrics(q_new, test.labels, g_new, train.labels)
+        # the rows `hetero evaluate --update` reports; flips are against old->old's top-1
+        scored = {(r["query_model"], r["gallery_model"]): r for r in
+                  score_models(old, {"new": new}, test, train, reference="old")["retrieval"]}
+        old_old, new_old, new_new = scored[("old", "old")], scored[("new", "old")], scored[("new", "new")]
+        state["old"]["old_to_old"] = old_old
         row = {"model": args.model, "training": training, "epochs": args.epochs, "limit": args.limit,
                "config": new.config, "new_to_old": new_old, "new_to_new": new_new,
                "criterion_met": new_old["map_at_r"] > old_old["map_at_r"],
-               "flips_new_to_old": flip_rates(old_ok, top1_correct(q_new, test.labels, g_old, train.labels)),
-               "flips_new_to_new": flip_rates(old_ok, top1_correct(q_new, test.labels, g_new, train.labels)),
+               "flips_new_to_old": {k: new_old[k] for k in FLIPS}, "flips_new_to_new": {k: new_new[k] for k in FLIPS},
                "flops": count_flops(new.model, (1, 28, 28)), "train_seconds": train_s,
                "history": new.info.get("history"), "host": host_info(), "label": "measured"}
         state["rows"].append(row)
