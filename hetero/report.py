@@ -78,7 +78,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append(f"Measured on {host.get('processor', '?')} ({host.get('cpu_count', '?')} CPUs), "
                  f"{host.get('system', '?')}, torch {host.get('torch', '?')}, {host.get('date', '?')}. "
                  f"Queries: {report.get('queries', '?')}; gallery: {report.get('gallery', '?')}.")
-    lines += ["", "## Retrieval", "", "Flip rates compare each query's top-1 with the paragon's (cloud->cloud): negative = "
+    ref = report["retrieval"][0]["query_model"] if report["retrieval"] else "cloud"  # "old" for an update
+    lines += ["", "## Retrieval", "", f"Flip rates compare each query's top-1 with the paragon's ({ref}->{ref}): negative = "
               "right for the paragon, wrong here.", "",
               "| query model | gallery model | query runtime | mAP@R | R@1 | R@10 | neg. flips | pos. flips |",
               "|---|---|---|---|---|---|---|---|"]

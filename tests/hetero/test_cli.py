@@ -60,6 +60,7 @@ def test_evaluate_as_update_names_rows_old_and_new(trained, tmp_path, capsys):
     assert code == 0
     rows = json.loads((tmp_path / "u" / "report.json").read_text())["retrieval"]
     assert [(r["query_model"], r["gallery_model"]) for r in rows] == [("old", "old"), ("new", "new"), ("new", "old")]
+    assert "with the paragon's (old->old)" in (tmp_path / "u" / "report.md").read_text()
 
 
 def test_control_and_config_file(trained, tmp_path, capsys):
