@@ -158,7 +158,7 @@ def cmd_train_cloud(args: argparse.Namespace) -> int:
         args.model = "resnet20"
     cfg = _train_config(args)
     check_writable_dest(Path(args.out), args.overwrite)
-    train = load_dataset(args.data, "train")
+    train = load_dataset(args.data, "train", progress=not args.quiet)
     c = train.images.shape[-1]
     if train.name.startswith("fashion-mnist"):
         prep = FASHION_MNIST_PREPROCESS
@@ -184,7 +184,7 @@ def cmd_train_edge(args: argparse.Namespace) -> int:
         args.dim = cloud.spec.dim
     cfg = _train_config(args, compat=not args.no_compat)
     check_writable_dest(Path(args.out), args.overwrite)
-    train = load_dataset(args.data, "train")
+    train = load_dataset(args.data, "train", progress=not args.quiet)
     ckpt = train_edge(cfg, cloud, train, progress=not args.quiet)
     save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
     kind = "control (no compatibility loss)" if args.no_compat else f"edge in cloud space {cloud.space[:12]}"
@@ -231,7 +231,7 @@ def cmd_fit_classifier(args: argparse.Namespace) -> int:
 
     cloud = load_checkpoint(args.cloud, role="cloud")
     check_writable_dest(Path(args.out), args.overwrite)
-    train = load_dataset(args.data, "train")
+    train = load_dataset(args.data, "train", progress=not args.quiet)
     ckpt = fit_classifier(cloud, train, epochs=args.epochs, scale=args.scale, margin=args.margin, progress=not args.quiet)
     save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
     print(f"cloud checkpoint with classifier: {args.out} ({len(ckpt.classes)} classes, train accuracy "
@@ -252,7 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_writable_dest(Path(args.out), args.overwrite)
     inputs, desc = None, None
     if args.data or args.check_real:
-        ds = load_dataset(args.data, "test").conform(edge.preprocess)
+        ds = load_dataset(args.data, "test", progress=not args.quiet).conform(edge.preprocess)
         ds = ds.subset(min(args.check_samples, len(ds)))
         inputs, desc = edge.preprocess.apply(ds.images), f"{ds.name} ({len(ds)} images)"
     manifest = export_checkpoint(edge, args.out, name=args.name, check_inputs=inputs, check_desc=desc,
@@ -325,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-real", action="store_true", help="check parity on Fashion-MNIST test images (found as usual)")
     p.add_argument("--check-samples", type=int, default=1000)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="cross-model retrieval: edge queries against the cloud gallery")

@@ -47,8 +47,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
         timings[name] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    train = load_dataset(cfg.data, "train")
-    test = load_dataset(cfg.data, "test")
+    train = load_dataset(cfg.data, "train", progress=cfg.progress)
+    test = load_dataset(cfg.data, "test", progress=cfg.progress)
     if train.images.shape[1:] != (28, 28, 1):
         raise HeteroError(f"the demo runs on Fashion-MNIST (28x28 grey), but --data holds {train.images.shape[1:]} images; "
                           "use train-cloud/train-edge/export/evaluate for other data")

@@ -85,7 +85,7 @@ def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, da
     cloud = load_checkpoint(cloud_path, role="cloud")
     edge = load_checkpoint(edge_path, role=("edge", "control"))
     name, ref = ("new", "old") if update else (edge.role, "cloud")
-    queries, gallery = load_dataset(data, "test"), load_dataset(data, "train")
+    queries, gallery = load_dataset(data, "test", progress=progress), load_dataset(data, "train", progress=progress)
     if tuple(queries.classes) != tuple(gallery.classes):
         raise HeteroError("the dataset's test and train splits have different classes; fix the folders")
     queries = queries.subset(query_limit) if query_limit else queries

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from hetero._progress import progress_bar
 from hetero.checkpoint import Checkpoint
-from hetero.data import ImageSet, Preprocess, iterate_batches
+from hetero.data import ImageSet, Preprocess, as_nchw, iterate_batches
 from hetero.embed import cloud_targets
 from hetero.errors import HeteroError
 from hetero.losses import LossContext, WeightedLoss
@@ -78,7 +78,7 @@ def _fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], ds: I
         t0 = time.perf_counter()
         bar = progress_bar(total=len(ds), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="img", disable=not progress, leave=False)
         for x, y, idx in iterate_batches(ds, prep, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, augment=cfg.augment):
-            terms = step(x, y, idx)
+            terms = step(as_nchw(x), y, idx)  # the loader already does this; training never runs channels-last by accident
             loss = terms["total"]
             if not torch.isfinite(loss):
                 raise HeteroError(f"{desc}: training diverged (loss is {loss.item()}) in epoch {epoch + 1}; lower --lr")

@@ -81,13 +81,14 @@ def _load_one(path: Path, size: int, channels: int | None) -> tuple[np.ndarray, 
 
 
 def load_image_folder(
-    root: str | Path, split: str, size: int | None = None, channels: int | None = None
+    root: str | Path, split: str, size: int | None = None, channels: int | None = None, *, progress: bool = True
 ) -> ImageSet:
     """Load one split of an ImageFolder, resized to ``size`` (default 32) square.
 
     ``root/train`` + ``root/test`` (or ``val``) are used as splits when present; otherwise each
     class's sorted files are split deterministically: every 5th file is "test", the rest "train".
-    ``channels`` defaults to 3 if any image has colour, else 1.
+    ``channels`` defaults to 3 if any image has colour, else 1. ``progress`` shows a bar for
+    folders of more than ``_PROGRESS_MIN`` images (``--quiet`` turns it off).
     """
     from hetero._progress import progress_bar
 
@@ -125,7 +126,7 @@ def load_image_folder(
     arrays: list[np.ndarray] = []
     color = False
     for path, _ in progress_bar(items, desc=f"loading {folder.name}/{split}",
-                                disable=len(items) <= _PROGRESS_MIN, unit="img"):
+                                disable=not progress or len(items) <= _PROGRESS_MIN, unit="img"):
         arr, has_color = _load_one(path, size, channels)
         arrays.append(arr)
         color |= has_color

@@ -24,12 +24,14 @@ def load_dataset(
     download: bool = True,
     size: int | None = None,
     channels: int | None = None,
+    progress: bool = True,
 ) -> ImageSet:
     """Resolve ``--data`` and load ``split`` ("train" or "test").
 
     ``None``: Fashion-MNIST wherever it is found (or downloaded); ``"synthetic"``: the unit-test
     set; a folder: Fashion-MNIST IDX files or an ImageFolder. ``size``/``channels`` only steer how
-    ImageFolder images are decoded (use ``ImageSet.conform`` to match a model's preprocessing).
+    ImageFolder images are decoded (use ``ImageSet.conform`` to match a model's preprocessing);
+    ``progress=False`` hides the ImageFolder loading bar.
     """
     if split not in ("train", "test"):
         raise HeteroError(f"unknown split {split!r}; use 'train' or 'test'")
@@ -52,7 +54,7 @@ def load_dataset(
     if has_fashion_mnist(root):
         return load_fashion_mnist(root, split)
     if is_image_folder(root):
-        return load_image_folder(root, split, size=size, channels=channels)
+        return load_image_folder(root, split, size=size, channels=channels, progress=progress)
     raise HeteroError(
         f"--data {data}: neither the four Fashion-MNIST IDX files ({', '.join(FILES)}, raw or .gz) "
         "nor class sub-folders found; pass one of those layouts"
@@ -99,8 +101,7 @@ def _batches(
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
         x = torch.from_numpy(prep.apply(ds.images[idx]))
-        if gen is not None:
-            x = _augment(x, fill, gen)
+        x = _augment(x, fill, gen) if gen is not None else as_nchw(x)
         yield x, torch.from_numpy(ds.labels[idx]), torch.from_numpy(idx.astype(np.int64))
 
 
@@ -114,7 +115,31 @@ def _augment(x: torch.Tensor, fill: torch.Tensor, gen: torch.Generator) -> torch
     padded[:, :, p:p + h, p:p + w] = x
     oy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
     ox = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-    rows = (oy[:, None] + torch.arange(h))[:, :, None]   # [B, H, 1]
-    cols = (ox[:, None] + torch.arange(w))[:, None, :]   # [B, 1, W]
-    out = padded[torch.arange(b)[:, None, None], :, rows, cols]  # advanced dims first: [B, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous()
+    # Index all four dims so the gather writes [B, C, H, W] in row-major order. Indexing only
+    # B, H, W gives [B, H, W, C], whose permute has NHWC strides; with C == 1 `.contiguous()` keeps
+    # those, torch then runs the whole network channels-last, and oneDNN's AVX2 1x1-conv backward
+    # corrupts the heap on such batches (issue 7).
+    bi = torch.arange(b)[:, None, None, None]
+    ci = torch.arange(c)[None, :, None, None]
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]   # [B, 1, H, 1]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]   # [B, 1, 1, W]
+    return as_nchw(padded[bi, ci, rows, cols])
+
+
+def as_nchw(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with standard row-major (NCHW) strides, copied only if it has other strides.
+
+    ``is_contiguous()`` is not enough: a one-channel batch with NHWC strides ``(HW, 1, W, 1)``
+    passes it, yet torch infers channels-last from the strides and runs every layer in that
+    format. hetero never trains channels-last: oneDNN's AVX2 kernels crashed on it (issue 7)."""
+    if x.stride() == _row_major_strides(x.shape):
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
+def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))

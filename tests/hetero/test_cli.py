@@ -140,10 +140,15 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert p.stderr.strip().startswith("error: checkpoint") and len(p.stderr.strip().splitlines()) == 1
 
 
-def test_image_folder_rgb_any_size(tmp_path, capsys):
-    """Train, export and evaluate on an ImageFolder of 20x20 RGB images (3 classes of colour blobs)."""
+def test_image_folder_rgb_any_size(tmp_path, capsys, monkeypatch):
+    """Train, export and evaluate on an ImageFolder of 20x20 RGB images (3 classes of colour blobs);
+    --quiet hides the folder's loading bar too."""
     import numpy as np
     from PIL import Image
+
+    import hetero.data.image_folder
+
+    monkeypatch.setattr(hetero.data.image_folder, "_PROGRESS_MIN", 0)  # a loading bar even for 150 images
 
     rng = np.random.default_rng(0)
     colours = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
@@ -156,16 +161,19 @@ def test_image_folder_rgb_any_size(tmp_path, capsys):
                 Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
     data = ["--data", tmp_path / "folder"]
     small = ["--epochs", "2", "--batch-size", "16", "--dim", "8", "--quiet"]
-    assert run(capsys, "train-cloud", "--out", tmp_path / "c", "--model", "test_resnet", *data, *small)[0] == 0
-    assert run(capsys, "train-edge", "--cloud", tmp_path / "c", "--out", tmp_path / "e", "--model", "test_mobilenet", *data, *small)[0] == 0
+    code, _, err = run(capsys, "train-cloud", "--out", tmp_path / "c", "--model", "test_resnet", *data, *small)
+    assert code == 0 and "loading" not in err, err
+    code, _, err = run(capsys, "train-edge", "--cloud", tmp_path / "c", "--out", tmp_path / "e", "--model", "test_mobilenet",
+                       *data, *small)
+    assert code == 0 and "loading" not in err, err
     meta = json.loads((tmp_path / "c" / "hetero.json").read_text())
     assert meta["preprocess"]["channels"] == 3 and len(meta["classes"]) == 3
-    code, out, _ = run(capsys, "export", "--edge", tmp_path / "e", "--out", tmp_path / "x", *data)
-    assert code == 0
+    code, out, err = run(capsys, "export", "--edge", tmp_path / "e", "--out", tmp_path / "x", *data)
+    assert code == 0 and "loading test/test" in err  # not --quiet: the bar shows
     assert json.loads((tmp_path / "x" / "manifest.json").read_text())["artifacts"][0]["input"]["shape"][1] == 3
-    code, out, _ = run(capsys, "evaluate", "--cloud", tmp_path / "c", "--edge", tmp_path / "e", "--artifact", tmp_path / "x",
+    code, out, err = run(capsys, "evaluate", "--cloud", tmp_path / "c", "--edge", tmp_path / "e", "--artifact", tmp_path / "x",
                        *data, "--quiet")
-    assert code == 0 and "onnxruntime" in out
+    assert code == 0 and "onnxruntime" in out and "loading" not in err, err
 
 
 def test_cache_lists_and_clears_only_target_files(tmp_path, monkeypatch, capsys, tiny_cloud, synth):

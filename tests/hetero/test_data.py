@@ -319,3 +319,27 @@ def test_iterate_batches_augment():
     crops = torch.stack([pad[..., oy:oy + 16, ox:ox + 16] for oy in range(5) for ox in range(5)], 1)
     assert ((crops - aug[:, None, None]).abs().amax((3, 4, 5)) < 1e-5).flatten(1).any(1).all()
 
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("augment", [False, True])
+def test_batches_have_standard_nchw_strides(channels, augment):
+    # not is_contiguous(): a one-channel batch with NHWC strides (HW, 1, W, 1) passes that check, and
+    # torch then runs the network channels-last, where oneDNN's AVX2 kernels crashed (issue 7)
+    ds = synthetic_dataset(40, num_classes=4, size=12, channels=channels)
+    prep = Preprocess(12, channels, (0.5,) * channels, (0.25,) * channels)
+    for x, _, _ in iterate_batches(ds, prep, 16, augment=augment, seed=3):
+        assert x.stride() == (channels * 144, 144, 12, 1), x.stride()
+
+
+def test_as_nchw_copies_only_non_standard_strides():
+    from hetero.data import as_nchw
+
+    x = torch.randn(4, 1, 5, 5)
+    assert as_nchw(x) is x
+    nhwc = torch.randn(4, 5, 5, 1).permute(0, 3, 1, 2)  # what the old augmentation produced
+    assert nhwc.is_contiguous() and nhwc.stride() == (25, 1, 5, 1)
+    fixed = as_nchw(nhwc)
+    assert fixed.stride() == (25, 25, 5, 1) and torch.equal(fixed, nhwc)
+    rgb = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert as_nchw(rgb).stride() == (48, 16, 4, 1) and torch.equal(as_nchw(rgb), rgb)

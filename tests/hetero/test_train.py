@@ -73,3 +73,37 @@ def test_online_targets_follow_the_augmented_batch(tiny_cloud, synth, tmp_path, 
         TrainConfig(augment=True, targets="cached")
     with pytest.raises(HeteroError, match="--targets"):
         TrainConfig(targets="sometimes")
+
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_resnet_trains_on_augmented_batches_in_nchw(channels, monkeypatch):
+    """Issue 7: augmented one-channel batches reached the model with NHWC strides, so the ResNet's
+    1x1 stride-2 shortcut ran oneDNN's channels-last AVX2 backward kernel, which corrupted the heap.
+    Every convolution must see standard NCHW strides while training."""
+    import torch
+
+    import hetero.train as train_mod
+    from hetero.data import Preprocess, synthetic_dataset
+    from hetero.train import train_cloud
+
+    seen: list[tuple[torch.Size, tuple[int, ...]]] = []
+    real_create = train_mod.create_embedding_model
+
+    def create(spec, in_channels):  # the real model, with a hook on every convolution's input
+        model = real_create(spec, in_channels)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_pre_hook(lambda mod, args: seen.append((args[0].shape, args[0].stride())))
+        return model
+
+    monkeypatch.setattr(train_mod, "create_embedding_model", create)
+    ds = synthetic_dataset(96, num_classes=4, channels=channels)
+    prep = Preprocess(28, channels, (0.5,) * channels, (0.25,) * channels)
+    ckpt = train_cloud(TrainConfig(model="test_resnet", dim=16, epochs=2, batch_size=32, augment=True), ds, prep,
+                       progress=False)
+    assert len(seen) == 6 * 9  # 6 steps x 9 convolutions in the ResNet-8 (2 of them 1x1 stride-2 shortcuts)
+    for shape, stride in seen:
+        assert stride == torch.empty(shape).stride(), f"conv input {tuple(shape)} has strides {stride}, not NCHW"
+    hist = ckpt.info["history"]
+    assert all(np.isfinite(h["total"]) for h in hist) and hist[-1]["total"] < hist[0]["total"]
