@@ -275,9 +275,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from hetero.demo import DemoConfig, run_demo
 
-    kw = {k: getattr(args, k) for k in ("out", "data", "cloud_model", "cloud_epochs", "edge_model", "edge_epochs",
-                                          "train_limit", "gallery_limit", "query_limit", "seed") if getattr(args, k) is not None}
-    run_demo(DemoConfig(progress=not args.quiet, **kw))
+    cloud_opts = [f"--{k.replace('_', '-')}" for k in ("cloud_model", "cloud_epochs", "cloud_margin") if getattr(args, k) is not None]
+    if cloud_opts and not args.train_cloud:
+        raise HeteroError(f"{', '.join(cloud_opts)} set(s) how the cloud is trained, but the demo loads the shipped "
+                          "pretrained cloud; add --train-cloud")
+    kw = {k: getattr(args, k) for k in ("out", "data", "cloud_model", "cloud_epochs", "cloud_margin", "edge_model", "edge_epochs",
+                                          "control_epochs", "train_limit", "gallery_limit", "query_limit", "seed")
+          if getattr(args, k) is not None}
+    run_demo(DemoConfig(progress=not args.quiet, train_cloud=args.train_cloud, **kw))
     return 0
 
 
@@ -288,10 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole slice on Fashion-MNIST (quick configuration)")
     p.add_argument("--out", help="output directory (default runs/demo; replaced atomically)")
     p.add_argument("--data", help="Fashion-MNIST folder (default: searched, see README)")
-    p.add_argument("--cloud-model")
-    p.add_argument("--cloud-epochs", type=int)
-    p.add_argument("--edge-model")
-    p.add_argument("--edge-epochs", type=int)
+    p.add_argument("--train-cloud", action="store_true",
+                   help="train the cloud model here (default: load the shipped pretrained ResNet-20 cloud)")
+    p.add_argument("--cloud-model", help="with --train-cloud: backbone (default resnet20)")
+    p.add_argument("--cloud-epochs", type=int, help="with --train-cloud: epochs (default 2)")
+    p.add_argument("--cloud-margin", type=float, help="with --train-cloud: CosFace margin (default 0.2)")
+    p.add_argument("--edge-model", help="edge and control backbone (default mobilenet_w050)")
+    p.add_argument("--edge-epochs", type=int, help="epochs of the compatible edge (default 2)")
+    p.add_argument("--control-epochs", type=int, help="epochs of the control (default 1)")
     p.add_argument("--train-limit", type=int, help="train on the first N train images (the gallery stays whole)")
     p.add_argument("--gallery-limit", type=int, help="use the first N train images as the gallery")
     p.add_argument("--query-limit", type=int, help="use the first N test images as queries")
@@ -307,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud", required=True, help="cloud checkpoint directory")
     _add_train_args(p, "mobilenet_w050")
     p.add_argument("--loss", help="loss weights: influence, alignment, contrastive, relational, ce, logit_distill "
-                                  "(default influence=1,alignment=1)")
+                                  "(default influence=1, the best measured recipe)")
     p.add_argument("--loss-options", help="per-loss options, e.g. alignment.kind=l2,contrastive.temperature=0.1,"
                                           "contrastive.positives=label,relational.k=32,influence.margin=0.2")
     p.add_argument("--targets", choices=("auto", "cached", "online"),

@@ -59,6 +59,8 @@ class InfluenceLoss(nn.Module):
     *frozen* cloud classifier, so edge features land where the cloud's class prototypes are.
     ``margin`` (CosFace-style, on the target cosine) overrides the classifier's own margin."""
 
+    needs_cloud_emb = False
+
     def __init__(self, ctx: LossContext, margin: float | None = None):
         super().__init__()
         self.margin = margin
@@ -78,6 +80,8 @@ class AlignmentLoss(nn.Module):
     """Regress the edge embedding onto the cloud embedding of the same image (asymmetric: the
     cloud side is a fixed target, as in AML). ``kind="cosine"``: 1 - cos; ``kind="l2"``: squared
     Euclidean distance (for unit vectors this equals 2 * (1 - cos); kept for parity with papers)."""
+
+    needs_cloud_emb = True
 
     def __init__(self, ctx: LossContext, kind: str = "cosine"):
         super().__init__()
@@ -99,6 +103,8 @@ class ContrastiveLoss(nn.Module):
     """Cross-model InfoNCE: edge embeddings are queries, the batch's cloud embeddings are keys.
     ``positives="image"``: the key of the same image is the one positive (CLIP-style);
     ``positives="label"``: every key with the query's label is positive (SupCon-style average)."""
+
+    needs_cloud_emb = True
 
     def __init__(self, ctx: LossContext, temperature: float = 0.07, positives: str = "image"):
         super().__init__()
@@ -124,6 +130,8 @@ class RelationalLoss(nn.Module):
     softmax over its similarities to the other cloud embeddings of the batch, at temperature
     ``temperature``, should be the same whether the anchor is the cloud or the edge embedding.
     KL(cloud || edge), restricted to the ``k`` nearest cloud neighbours when ``k`` is given."""
+
+    needs_cloud_emb = True
 
     def __init__(self, ctx: LossContext, temperature: float = 0.1, k: int | None = None):
         super().__init__()
@@ -154,6 +162,8 @@ class OwnClassifierLoss(nn.Module):
     """Plain classification through the trained model's *own* cosine classifier (no compatibility).
     With influence, this is BCT's full objective for a new cloud model: L_new + lambda * L_influence."""
 
+    needs_cloud_emb = False
+
     def __init__(self, ctx: LossContext, scale: float = 16.0, margin: float = 0.0):
         super().__init__()
         self.classifier = CosineClassifier(ctx.dim, ctx.num_classes, scale, margin)
@@ -167,6 +177,8 @@ class LogitDistillLoss(nn.Module):
     """Plain knowledge distillation (Hinton et al. 2015): the model's own classifier matches the
     cloud's softened class probabilities; embeddings are never tied to the cloud's. The baseline
     that, per the literature, gives near-chance cross-model retrieval."""
+
+    needs_cloud_emb = True
 
     def __init__(self, ctx: LossContext, temperature: float = 4.0, scale: float = 16.0):
         super().__init__()
@@ -214,6 +226,12 @@ class WeightedLoss(nn.Module):
     @property
     def needs_classifier(self) -> bool:
         return any(n in self.weights for n in ("influence", "logit_distill"))
+
+    @property
+    def needs_cloud_emb(self) -> bool:
+        """Whether any term reads the cloud embeddings of the batch (influence and ce do not, so
+        training with them alone never runs the frozen cloud model)."""
+        return any(part.needs_cloud_emb for part in self.parts.values())
 
     @property
     def own_classifier(self) -> CosineClassifier | None:

@@ -36,7 +36,8 @@ def host_info() -> dict[str, Any]:
 
 def model_row(name: str, ckpt) -> dict[str, Any]:
     return {
-        "name": name, "role": ckpt.role, "backbone": ckpt.spec.backbone, "params": count_params(ckpt.model),
+        "name": name, "role": ckpt.role, "backbone": ckpt.spec.backbone, "epochs": ckpt.config.get("epochs"),
+        "params": count_params(ckpt.model),
         "flops": count_flops(ckpt.model, ckpt.input_shape), "space": ckpt.space, "fingerprint": ckpt.fingerprint,
     }
 
@@ -87,9 +88,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['query_model']} | {r['gallery_model']} | {r['runtime']} | {r['map_at_r']:.4f} | "
                      f"{r['recall_at_1']:.4f} | {r['recall_at_10']:.4f} | {_pct(r.get('negative_flip_rate'))} | "
                      f"{_pct(r.get('positive_flip_rate'))} |")
-    lines += ["", "## Models", "", "| name | role | backbone | params | MFLOPs |", "|---|---|---|---|---|"]
+    lines += ["", "## Models", "", "| name | role | backbone | epochs | params | MFLOPs |", "|---|---|---|---|---|---|"]
     for m in report["models"]:
-        lines.append(f"| {m['name']} | {m['role']} | {m['backbone']} | {m['params']:,} | {m['flops'] / 1e6:.2f} |")
+        lines.append(f"| {m['name']} | {m['role']} | {m['backbone']} | {m.get('epochs') or '-'} | {m['params']:,} | "
+                     f"{m['flops'] / 1e6:.2f} |")
+    src = report.get("cloud_source")
+    if src and src.get("provenance"):
+        pv = src["provenance"]
+        lines += ["", f"The cloud is {src['kind']} ({src.get('name', '')}, fingerprint {src['fingerprint'][:12]}): "
+                  f"`{pv.get('command', '?')}`, on {pv.get('host', {}).get('processor', '?')}, {pv.get('host', {}).get('date', '?')}."]
     if report.get("compatibility"):
         lines += ["", "## Compatibility (edge->cloud mAP@R > edge->edge mAP@R)", "",
                   "| edge | criterion met | edge->cloud | edge->edge | gap to paragon |", "|---|---|---|---|---|"]

@@ -1,5 +1,5 @@
 """Training: the cloud model (cross-entropy through its cosine classifier) and edge models trained
-into the cloud space (BCT influence + cosine alignment), or the no-compatibility control."""
+into the cloud space (compatibility losses, BCT influence by default), or the no-compatibility control."""
 from __future__ import annotations
 
 import math
@@ -35,7 +35,9 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     limit: int | None = None
-    losses: dict[str, float] = field(default_factory=lambda: {"influence": 1.0, "alignment": 1.0})
+    # BCT's influence loss alone: the best recipe measured (benchmarks/results/compat_losses.md); with
+    # alignment the edge drifted into a space of its own (edge->edge > edge->cloud) at 22.5x
+    losses: dict[str, float] = field(default_factory=lambda: {"influence": 1.0})
     loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     targets: str = "auto"  # cloud targets: "cached" (memory-mapped), "online" (frozen cloud per batch), "auto"
     compat: bool = True
@@ -157,7 +159,10 @@ def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, prog
             frozen.requires_grad_(False)
         cloud.model.eval()
         cloud.model.requires_grad_(False)
-        if cfg.online_targets:
+        if not loss_fn.needs_cloud_emb:
+            def target(x, idx):
+                return None
+        elif cfg.online_targets:
             def target(x, idx):
                 with torch.no_grad():
                     return cloud.model(x)

@@ -1,4 +1,5 @@
-"""The whole slice on a Fashion-MNIST subset through the real console script (under 2 minutes).
+"""The whole slice on a Fashion-MNIST subset through the real console script, as `make demo` runs it
+(the shipped pretrained cloud), in under 2 minutes.
 
 Needs Fashion-MNIST; `make test` installs it (Debian package dataset-fashion-mnist).
 """
@@ -16,7 +17,7 @@ def test_demo_slice_on_a_fashion_mnist_subset(tmp_path):
     exe = Path(sys.executable).with_name("hetero")
     out = tmp_path / "demo"
     t0 = time.perf_counter()
-    p = subprocess.run([str(exe), "demo", "--out", str(out), "--train-limit", "6000", "--cloud-epochs", "2",
+    p = subprocess.run([str(exe), "demo", "--out", str(out), "--train-limit", "6000",  # the shipped cloud, as in `make demo`
                         "--edge-epochs", "2", "--gallery-limit", "10000", "--query-limit", "2000", "--quiet"],
                        capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - t0
@@ -25,6 +26,7 @@ def test_demo_slice_on_a_fashion_mnist_subset(tmp_path):
     rep = json.loads((out / "report.json").read_text())
 
     models = {m["name"]: m for m in rep["models"]}
+    assert rep["cloud_source"]["kind"] == "pretrained, shipped with hetero" and rep["cloud_source"]["fingerprint"] == models["cloud"]["space"]
     assert {m["role"] for m in rep["models"]} == {"cloud", "edge", "control"}
     assert models["cloud"]["flops"] > 20 * models["edge"]["flops"] > 0
     rows = {(r["query_model"], r["gallery_model"], r["runtime"].split()[0]): r for r in rep["retrieval"]}

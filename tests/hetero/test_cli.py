@@ -129,7 +129,9 @@ def test_bad_training_options(trained, tmp_path, capsys):
     assert ">= 0" in msg
     msg = one_line_error(*run(capsys, "train-cloud", "--out", tmp_path / "c", "--model", "nonet", *TINY)[::2])
     assert "unknown backbone 'nonet'" in msg
-    assert not (tmp_path / "e").exists() and not (tmp_path / "c").exists()
+    msg = one_line_error(*run(capsys, "demo", "--out", tmp_path / "d", "--cloud-epochs", "1", "--cloud-margin", "0")[::2])
+    assert "--cloud-epochs, --cloud-margin" in msg and "add --train-cloud" in msg
+    assert not (tmp_path / "e").exists() and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_console_script_prints_no_traceback(tmp_path):

@@ -27,6 +27,25 @@ def test_compatible_edge_beats_control_against_the_cloud_gallery(tiny_cloud, tin
     assert set(tiny_edge.info["history"][-1]) >= {"influence", "alignment", "total"}
 
 
+def test_default_recipe_is_influence_alone_and_never_runs_the_cloud(tiny_cloud, synth, tmp_path, monkeypatch):
+    """Influence needs only the frozen classifier: no cloud forward pass, no cached targets."""
+    assert TrainConfig().losses == {"influence": 1.0}
+    monkeypatch.setenv("HETERO_CACHE", str(tmp_path))
+    calls = []
+    hook = tiny_cloud.model.register_forward_pre_hook(lambda mod, args: calls.append(len(args[0])))
+    try:
+        for augment in (False, True):
+            edge = train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, batch_size=64, limit=128,
+                                          augment=augment), tiny_cloud, synth[0], progress=False)
+            assert edge.space == tiny_cloud.space and edge.info["history"][0]["influence"] > 0
+        assert calls == [] and not (tmp_path / "targets").exists()
+        train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, batch_size=64, limit=128,
+                               losses={"influence": 1.0, "alignment": 1.0}), tiny_cloud, synth[0], progress=False)
+        assert sum(calls) == 128 and len(list((tmp_path / "targets").iterdir())) == 1  # alignment does read them
+    finally:
+        hook.remove()
+
+
 def test_edge_training_leaves_the_frozen_cloud_untouched(tiny_cloud, synth):
     before = tiny_cloud.fingerprint
     train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, batch_size=64, limit=128), tiny_cloud, synth[0], progress=False)
@@ -107,3 +126,20 @@ def test_resnet_trains_on_augmented_batches_in_nchw(channels, monkeypatch):
         assert stride == torch.empty(shape).stride(), f"conv input {tuple(shape)} has strides {stride}, not NCHW"
     hist = ckpt.info["history"]
     assert all(np.isfinite(h["total"]) for h in hist) and hist[-1]["total"] < hist[0]["total"]
+
+
+def test_augmented_training_survives_onednn_avx2_kernels(tmp_path):
+    """The AMD EPYC failure of issue 7, reproduced on any x86 CPU: ``ONEDNN_MAX_CPU_ISA=AVX2`` makes
+    oneDNN use the AVX2 kernels an AVX2-only CPU gets. Their channels-last 1x1-conv backward corrupts
+    the heap; before the fix this run crashed or spun forever. (A no-op where AVX2 is the best ISA.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("hetero")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"}
+    p = subprocess.run([str(exe), "train-cloud", "--out", str(tmp_path / "c"), "--model", "test_resnet", "--augment",
+                        "--data", "synthetic", "--limit", "400", "--epochs", "3", "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-1500:]
