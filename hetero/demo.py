@@ -64,16 +64,17 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     lap("load data", t0)
     out = Path(cfg.out)
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, limit=cfg.train_limit)
+    t0 = time.perf_counter()
+    cloud = None if cfg.train_cloud else _pretrained_cloud(train, log)  # refused before anything is written
+    if cloud is not None:
+        lap("load pretrained cloud", t0)
     with atomic_dir(out, overwrite=True) as tmp:
-        t0 = time.perf_counter()
-        if cfg.train_cloud:
+        if cloud is None:
             log(f"[1/5] training the cloud model ({cfg.cloud_model}, {cfg.cloud_epochs} epoch(s))")
+            t0 = time.perf_counter()
             cloud = train_cloud(TrainConfig(model=cfg.cloud_model, epochs=cfg.cloud_epochs, margin=cfg.cloud_margin,
                                             **common), train, prep, progress=cfg.progress)
             lap("train cloud", t0)
-        else:
-            cloud = _pretrained_cloud(train, log)
-            lap("load pretrained cloud", t0)
         save_checkpoint(cloud, tmp / "cloud")
         cloud.path = out / "cloud"
 
