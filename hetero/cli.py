@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud", required=True, help="cloud checkpoint directory")
     _add_train_args(p, "mobilenet_w050")
     p.add_argument("--loss", help="loss weights: influence, alignment, contrastive, relational, ce, logit_distill "
-                                  "(default influence=1, the best measured recipe)")
+                                  "(default influence=1,alignment=1,relational=1; see README, Which loss when)")
     p.add_argument("--loss-options", help="per-loss options, e.g. alignment.kind=l2,contrastive.temperature=0.1,"
                                           "contrastive.positives=label,relational.k=32,influence.margin=0.2")
     p.add_argument("--targets", choices=("auto", "cached", "online"),

@@ -78,11 +78,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
         save_checkpoint(cloud, tmp / "cloud")
         cloud.path = out / "cloud"
 
-        log(f"[2/5] training the compatible edge ({cfg.edge_model}, {cfg.edge_epochs} epoch(s), BCT influence loss) "
-            f"and the control (no compatibility loss, {cfg.control_epochs} epoch(s))")
+        edge_cfg = TrainConfig(model=cfg.edge_model, epochs=cfg.edge_epochs, **common)
+        log(f"[2/5] training the compatible edge ({cfg.edge_model}, {cfg.edge_epochs} epoch(s), loss "
+            f"{'+'.join(edge_cfg.losses)}) and the control (no compatibility loss, {cfg.control_epochs} epoch(s))")
         t0 = time.perf_counter()
-        edge = train_edge(TrainConfig(model=cfg.edge_model, epochs=cfg.edge_epochs, **common), cloud, train,
-                          progress=cfg.progress)
+        edge = train_edge(edge_cfg, cloud, train, progress=cfg.progress)
         save_checkpoint(edge, tmp / "edge")
         edge.path = out / "edge"
         lap("train edge", t0)

@@ -45,7 +45,7 @@ def tiny_cloud(synth, prep):
 def tiny_edge(tiny_cloud, synth):
     from hetero.train import TrainConfig, train_edge
 
-    # the recipe these tests were written with; the default (influence alone) has its own test in test_train
+    # the recipe these tests were written with; the default recipe has its own test in test_train
     cfg = TrainConfig(model="test_mobilenet", dim=16, epochs=5, batch_size=32, losses={"influence": 1.0, "alignment": 1.0})
     return train_edge(cfg, tiny_cloud, synth[0], progress=False)
 

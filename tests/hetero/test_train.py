@@ -27,16 +27,22 @@ def test_compatible_edge_beats_control_against_the_cloud_gallery(tiny_cloud, tin
     assert set(tiny_edge.info["history"][-1]) >= {"influence", "alignment", "total"}
 
 
-def test_default_recipe_is_influence_alone_and_never_runs_the_cloud(tiny_cloud, synth, tmp_path, monkeypatch):
-    """Influence needs only the frozen classifier: no cloud forward pass, no cached targets."""
-    assert TrainConfig().losses == {"influence": 1.0}
+def test_default_recipe(tiny_cloud, synth):
+    assert TrainConfig().losses == {"influence": 1.0, "alignment": 1.0, "relational": 1.0}
+    edge = train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, batch_size=64, limit=128), tiny_cloud,
+                      synth[0], progress=False)
+    assert set(edge.info["history"][0]) == {"influence", "alignment", "relational", "total", "epoch", "img_per_s"}
+
+
+def test_influence_alone_never_runs_the_cloud(tiny_cloud, synth, tmp_path, monkeypatch):
+    """Influence (and ce) need only the frozen classifier: no cloud forward pass, no cached targets."""
     monkeypatch.setenv("HETERO_CACHE", str(tmp_path))
     calls = []
     hook = tiny_cloud.model.register_forward_pre_hook(lambda mod, args: calls.append(len(args[0])))
     try:
         for augment in (False, True):
-            edge = train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, batch_size=64, limit=128,
-                                          augment=augment), tiny_cloud, synth[0], progress=False)
+            edge = train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, batch_size=64, limit=128, augment=augment,
+                                          losses={"influence": 1.0}), tiny_cloud, synth[0], progress=False)
             assert edge.space == tiny_cloud.space and edge.info["history"][0]["influence"] > 0
         assert calls == [] and not (tmp_path / "targets").exists()
         train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, batch_size=64, limit=128,
