@@ -240,7 +240,7 @@ def cmd_fit_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export import export_checkpoint
+    from export import EXPORTERS, export_checkpoint, exporter
     from hetero.checkpoint import check_same_space, load_checkpoint
     from hetero.data import load_dataset
 
@@ -250,17 +250,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hetero._atomic import check_writable_dest
 
     check_writable_dest(Path(args.out), args.overwrite)
-    inputs, desc = None, None
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
+    if formats is not None:
+        for f in formats:
+            EXPORTERS.get(f)  # an unknown name fails here, listing the known ones
+    if args.calib is not None and args.calib < 1:
+        raise HeteroError(f"--calib must be >= 1, got {args.calib}")
+    inputs, desc, calib = None, None, None
     if args.data or args.check_real:
         ds = load_dataset(args.data, "test", progress=not args.quiet).conform(edge.preprocess)
         ds = ds.subset(min(args.check_samples, len(ds)))
         inputs, desc = edge.preprocess.apply(ds.images), f"{ds.name} ({len(ds)} images)"
-    manifest = export_checkpoint(edge, args.out, name=args.name, check_inputs=inputs, check_desc=desc,
-                                 overwrite=args.overwrite)
+    wants_int8 = "onnx-int8" in formats if formats is not None else exporter("onnx-int8").unavailable() is None
+    if wants_int8:  # calibration: a seeded sample of the training split, never test images
+        import numpy as np
+
+        train = load_dataset(args.data, "train", progress=not args.quiet).conform(edge.preprocess)
+        n = min(args.calib or 512, len(train))
+        pick = np.sort(np.random.default_rng(0).choice(len(train), n, replace=False))
+        calib = edge.preprocess.apply(train.images[pick])
+    manifest = export_checkpoint(edge, args.out, formats=formats, name=args.name, check_inputs=inputs, check_desc=desc,
+                                 calib_inputs=calib, overwrite=args.overwrite)
     for a in manifest["artifacts"]:
         f = a["fidelity"]
-        print(f"{args.out}/{a['file']}: {a['format']} {a['precision']}, sha256 {a['sha256'][:12]}, vs torch on {f['inputs']}: "
-              f"min cosine {f['min_cosine']:.7f}, max abs diff {f['max_abs_diff']:.2e}")
+        print(f"{args.out}/{a['file']}: {a['export_format']} ({a['format']} {a['precision']}), {a['bytes']:,} bytes "
+              f"({a['weight_bytes']:,} of weights), sha256 {a['sha256'][:12]}, vs torch on {f['inputs']}: "
+              f"min cosine {f['min_cosine']:.7f}, mean {f['mean_cosine']:.7f}, max abs diff {f['max_abs_diff']:.2e} ({f['label']})")
+    for s in manifest.get("skipped", []):
+        print(f"skipped {s['format']}: {s['reason']}")
     return 0
 
 
@@ -333,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="check parity on this dataset's test images")
     p.add_argument("--check-real", action="store_true", help="check parity on Fashion-MNIST test images (found as usual)")
     p.add_argument("--check-samples", type=int, default=1000)
+    p.add_argument("--formats", help="comma-separated: onnx, onnx-fp16, onnx-int8 (default: every format this host "
+                                     "can produce; the others are listed as skipped, with the reason)")
+    p.add_argument("--calib", type=int, help="training images that calibrate INT8 (default 512, seeded sample; "
+                                             "never test images)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_export)
