@@ -144,7 +144,7 @@ def default_formats(*, calib: bool) -> tuple[list[str], list[dict[str, str]]]:
         ex = exporter(name)
         why = ex.unavailable()
         if why is None and name == "onnx-int8" and not calib:
-            why = "needs calibration images (hetero export --calib N; the API's calib_inputs)"
+            why = "needs calibration images from the model's training data (hetero export --data DIR --calib N; the API's calib_inputs)"
         (skipped.append({"format": name, "reason": why}) if why else ok.append(name))
     return ok, skipped
 
@@ -186,7 +186,7 @@ def export_checkpoint(ckpt, out: str | Path, *, formats: tuple[str, ...] | list[
         if why:
             raise HeteroError(f"format {f} cannot be produced here: {why}")
     if "onnx-int8" in order and calib_inputs is None:
-        raise HeteroError("format onnx-int8 needs calibration images from the training split; pass --calib N")
+        raise HeteroError("format onnx-int8 needs calibration images from the training split; pass --data DIR (and --calib N)")
     if check_inputs is None:
         check_inputs = np.random.default_rng(0).standard_normal((256, *ckpt.input_shape)).astype(np.float32)
         check_desc = "256 seeded standard-normal inputs (synthetic)"

@@ -261,7 +261,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         ds = load_dataset(args.data, "test", progress=not args.quiet).conform(edge.preprocess)
         ds = ds.subset(min(args.check_samples, len(ds)))
         inputs, desc = edge.preprocess.apply(ds.images), f"{ds.name} ({len(ds)} images)"
-    wants_int8 = "onnx-int8" in formats if formats is not None else exporter("onnx-int8").unavailable() is None
+    asked_int8 = formats is not None and "onnx-int8" in formats
+    wants_int8 = asked_int8 or (formats is None and exporter("onnx-int8").unavailable() is None)
+    trained_on = str(edge.info.get("dataset", ""))
+    if wants_int8 and args.data is None and not trained_on.startswith("fashion-mnist"):
+        # calibrating on Fashion-MNIST would quantise a model of other images with the wrong ranges
+        if asked_int8:
+            raise HeteroError(f"onnx-int8 calibrates on the model's training images, but {args.edge} was trained on "
+                              f"{trained_on or 'unknown data'}; pass --data DIR with that dataset")
+        wants_int8 = False
     if wants_int8:  # calibration: a seeded sample of the training split, never test images
         import numpy as np
 

@@ -54,6 +54,23 @@ def test_train_export_evaluate(trained, tmp_path, capsys):
     assert (tmp_path / "rep" / "report.md").read_text().startswith("# hetero evaluate")
 
 
+def test_export_calibrates_int8_only_on_the_models_training_data(trained, tmp_path, capsys):
+    """The edge was trained on synthetic images: without --data, INT8 is skipped (default formats) or
+    refused (asked for), never calibrated on Fashion-MNIST; with --data it is built."""
+    code, out, _ = run(capsys, "export", "--edge", trained / "edge", "--out", tmp_path / "a", "--quiet")
+    assert code == 0 and "skipped onnx-int8: needs calibration images" in out and "edge.fp16.onnx" in out
+    msg = one_line_error(*run(capsys, "export", "--edge", trained / "edge", "--out", tmp_path / "b",
+                              "--formats", "onnx-int8")[::2])
+    assert "trained on synthetic/train" in msg and "--data" in msg and not (tmp_path / "b").exists()
+    code, out, _ = run(capsys, "export", "--edge", trained / "edge", "--out", tmp_path / "c", "--formats", "onnx-int8",
+                       "--data", "synthetic", "--calib", "100", "--check-samples", "50")
+    assert code == 0 and "edge.int8.onnx: onnx-int8" in out
+    calib = json.loads((tmp_path / "c" / "manifest.json").read_text())["artifacts"][1]["calibration"]
+    assert calib == {"images": 100, "source": "training split"}
+    msg = one_line_error(*run(capsys, "export", "--edge", trained / "edge", "--out", tmp_path / "d", "--formats", "onnx,tflite")[::2])
+    assert "unknown export format 'tflite'" in msg and "onnx-fp16" in msg
+
+
 def test_evaluate_as_update_names_rows_old_and_new(trained, tmp_path, capsys):
     code, out, _ = run(capsys, "evaluate", "--cloud", trained / "cloud", "--edge", trained / "edge", "--update",
                        "--data", "synthetic", "--out", tmp_path / "u", "--quiet")
