@@ -39,12 +39,45 @@ class Artifact:
         return int(self.manifest["dim"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _sha256_file(path: Path, h) -> None:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file; of a directory (a ``.mlpackage``), over its files' relative paths and
+    contents in sorted order, so the digest changes when any file is renamed, added or edited."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = f.relative_to(path).as_posix().encode()
+            h.update(len(rel).to_bytes(8, "little") + rel + f.stat().st_size.to_bytes(8, "little"))
+            _sha256_file(f, h)
+    else:
+        _sha256_file(path, h)
     return h.hexdigest()
+
+
+def path_bytes(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def resolve_inside(root: Path, name: Any) -> Path:
+    """``root / name``, refused unless it stays inside ``root`` (no absolute paths, no ``..``, no
+    links out): a manifest handed over by someone else must not point at files elsewhere."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or "\\" in name:
+        raise DeviceError(f"{MANIFEST} in {root} lists an invalid artifact path {name!r}; re-run `hetero export`")
+    path = root / name
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise DeviceError(f"{MANIFEST} in {root} lists {name!r}, which escapes the export directory; "
+                          "refusing it (re-run `hetero export`)") from None
+    return path
 
 
 def load_manifest(export_dir: str | Path) -> dict[str, Any]:
@@ -59,6 +92,11 @@ def load_manifest(export_dir: str | Path) -> dict[str, Any]:
         raise DeviceError(f"{d / MANIFEST} is not valid JSON ({e.__class__.__name__}); re-run `hetero export`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("artifacts"), list):
         raise DeviceError(f"{d / MANIFEST} is not a hetero export manifest; re-run `hetero export`")
+    for entry in manifest["artifacts"]:
+        if not isinstance(entry, dict):
+            raise DeviceError(f"{d / MANIFEST} has a malformed artifact entry; re-run `hetero export`")
+        if entry.get("file") is not None:
+            resolve_inside(d, entry["file"])
     manifest["_dir"] = str(d)
     return manifest
 
@@ -69,10 +107,12 @@ def open_artifact(export_dir: str | Path, fmt: str = "onnx", precision: str | No
     d = Path(manifest["_dir"])
     for entry in manifest["artifacts"]:
         if entry.get("format") == fmt and (precision is None or entry.get("precision") == precision):
-            path = d / entry["file"]
-            if not path.is_file():
+            if entry.get("file") is None:  # e.g. a TensorRT engine to be built on the target
+                continue
+            path = resolve_inside(d, entry["file"])
+            if not path.exists():
                 raise DeviceError(f"{path} listed in {MANIFEST} is missing; re-run `hetero export`")
-            if _sha256(path) != entry.get("sha256"):
+            if sha256_path(path) != entry.get("sha256"):
                 raise DeviceError(f"{path} does not match its sha256 in {MANIFEST}; the file is corrupt or was replaced, re-run `hetero export`")
             return Artifact(path, entry, manifest)
     have = ", ".join(f"{e.get('format')}/{e.get('precision')}" for e in manifest["artifacts"]) or "none"

@@ -1,4 +1,4 @@
-"""Reduced-precision ONNX made from the FP32 ONNX: FP16 (onnxconverter-common) and INT8 (ONNX
+"""Reduced-precision ONNX made from the FP32 ONNX: FP16 (onnxruntime's converter) and INT8 (ONNX
 Runtime static quantisation, QDQ, per-channel weights). Neither is a hand-written graph pass."""
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 
+from export.base import ExportJob, register_exporter
+from export.onnx import INPUT_NAME, onnx_entry, weight_bytes  # noqa: F401  (weight_bytes: re-exported)
 from hetero.errors import HeteroError, require
 
 # Kept in FP32 in the FP16 model: the L2 normalisation and the reductions around it. In FP16 the
@@ -20,42 +24,30 @@ FP16_BLOCK_LIST = ("ReduceL2", "ReduceSumSquare", "ReduceMean", "ReduceSum", "Sq
 
 
 def onnx_fp16_from_onnx(src: str | Path, dst: str | Path) -> Path:
-    """FP16 weights and activations, FP32 inputs and outputs (``keep_io_types``); normalisation in FP32."""
+    """FP16 weights and activations, FP32 inputs and outputs (``keep_io_types``); normalisation in
+    FP32. Converted by onnxruntime's float16 converter (``onnxruntime.transformers.float16``).
+    onnxconverter-common 1.16's converter was tried first: on simplified graphs whose input also
+    feeds a ``Shape`` node it emits a dangling cast and fails."""
     onnx = require("onnx", "onnx")
-    float16 = require("onnxconverter_common.float16", "onnx")
+    float16 = require("onnxruntime.transformers.float16", "onnx")
     model = onnx.load(str(src))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "values truncated to fp16" for tiny weights: measured in fidelity instead
-        half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_BLOCK_LIST))
-    _restore_fp32_outputs(model, half)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # "values truncated to fp16" for tiny weights: measured in fidelity instead
+            half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_BLOCK_LIST))
+            from onnxruntime.transformers.onnx_model import OnnxModel
+
+            OnnxModel(half).topological_sort()  # the converter appends its input casts at the end
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise HeteroError(f"FP16 conversion by onnxruntime failed: {first[:300]}; report the model") from None
+    for v in list(half.graph.input) + list(half.graph.output):
+        if v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            raise HeteroError(f"the FP16 model's {v.name!r} is not FP32 despite keep_io_types; report the model")
     dst = Path(dst)
     onnx.save(half, str(dst))
     onnx.checker.check_model(str(dst))
     return dst
-
-
-def _restore_fp32_outputs(src, half) -> None:
-    """onnxconverter-common 1.16 casts a *blocked* output node's FP32 result back to FP16 and declares
-    the graph output FP16, despite ``keep_io_types``: turn that last cast into FP32 (a no-op, as the
-    blocked node already computes in FP32), or add one."""
-    from onnx import TensorProto, helper
-
-    was = {o.name: o.type.tensor_type.elem_type for o in src.graph.output}
-    for out in half.graph.output:
-        if was.get(out.name) != TensorProto.FLOAT or out.type.tensor_type.elem_type != TensorProto.FLOAT16:
-            continue
-        out.type.tensor_type.elem_type = TensorProto.FLOAT
-        producer = next((n for n in half.graph.node if out.name in n.output), None)
-        if producer is not None and producer.op_type == "Cast":
-            for attr in producer.attribute:
-                if attr.name == "to":
-                    attr.i = TensorProto.FLOAT
-        else:
-            inner = f"{out.name}_fp16"
-            for n in half.graph.node:
-                n.output[:] = [inner if o == out.name else o for o in n.output]
-            half.graph.node.append(helper.make_node("Cast", [inner], [out.name], to=TensorProto.FLOAT,
-                                                    name=f"{out.name}_to_fp32"))
 
 
 class _Calibration:
@@ -112,11 +104,23 @@ def onnx_int8_from_onnx(src: str | Path, dst: str | Path, calib_inputs: np.ndarr
     return dst
 
 
-def weight_bytes(path: str | Path) -> int:
-    """Bytes of the graph's initializers (the weights), the fair size measure for small models whose
-    files are dominated by graph overhead."""
-    onnx = require("onnx", "onnx")
-    from onnx import numpy_helper
+@register_exporter("onnx-fp16", "ONNX FP16 weights and activations, FP32 I/O and normalisation", "onnx",
+                   ("onnx", "onnxruntime"), "onnx")
+def _export_onnx_fp16(job: ExportJob, source: Path | None) -> dict[str, Any]:
+    path = onnx_fp16_from_onnx(source, job.out_dir / f"{job.name}.fp16.onnx")
+    return onnx_entry(job, path, "fp16", source.name, converter="onnxruntime.transformers.float16 (keep_io_types)",
+                      fp32_ops=list(FP16_BLOCK_LIST))
 
-    model = onnx.load(str(path))
-    return int(sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
+
+@register_exporter("onnx-int8", "ONNX INT8 by onnxruntime: static QDQ, per-channel weights, calibrated on training "
+                   "images (or dynamic, weights only)", "onnx", ("onnx", "onnxruntime"), "onnx")
+def _export_onnx_int8(job: ExportJob, source: Path | None) -> dict[str, Any]:
+    mode = job.options.get("int8_mode", "static")
+    path = onnx_int8_from_onnx(source, job.out_dir / f"{job.name}.int8.onnx", job.calib_inputs, input_name=INPUT_NAME,
+                               dynamic=mode == "dynamic")
+    if mode == "dynamic":
+        return onnx_entry(job, path, "int8", source.name, quantization="dynamic",
+                          converter="onnxruntime quantize_dynamic (weights int8 per-channel, activations at run time)")
+    return onnx_entry(job, path, "int8", source.name, quantization="static",
+                      converter="onnxruntime quantize_static (QDQ, per-channel, percentile calibration)",
+                      calibration={"images": int(len(job.calib_inputs)), "source": "training split"})

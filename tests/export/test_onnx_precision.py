@@ -76,12 +76,12 @@ def test_default_formats_and_bad_input(tmp_path, saved, synth, prep, monkeypatch
     with pytest.raises(HeteroError, match="calibration inputs have shape"):
         export_checkpoint(edge, tmp_path / "b", formats=("onnx-int8",), calib_inputs=np.zeros((4, 3, 28, 28), np.float32))
 
-    import export.api
+    import export.onnx_precision
 
     def broken(*a, **k):
         raise HeteroError("INT8 quantisation by onnxruntime failed: injected")
 
-    monkeypatch.setattr(export.api, "onnx_int8_from_onnx", broken)  # a failure after two formats were written
+    monkeypatch.setattr(export.onnx_precision, "onnx_int8_from_onnx", broken)  # a failure after two formats were written
     with pytest.raises(HeteroError, match="injected"):
         export_checkpoint(edge, tmp_path / "c", formats=("onnx-fp16", "onnx-int8"),
                           calib_inputs=prep.apply(synth[0].images[:64]))

@@ -1,0 +1,182 @@
+"""What every exporter shares: the job it works on, its declaration, the registry, and the manifest
+entry with its fidelity.
+
+One file per target family (``onnx.py``, ``onnx_precision.py``, ``ort_mobile.py``, ``coreml.py``,
+``tensorrt.py``) registers its exporters here with :func:`register_exporter`; ``api.py`` drives
+them. An exporter declares what it makes and from what (Polygraphy style): ONNX FP16 is made from
+the FP32 ONNX, a TensorRT plan from an ONNX, a Core ML package from the torch model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from devices.artifact import path_bytes, sha256_path
+from hetero.errors import HeteroError
+from hetero.registry import Registry
+
+TOPK = 10  # retrieval agreement is measured on the top-10 results
+BATCH_SIZES = (1, 8, 32)  # the batch sizes a fixed-shape target (Core ML, TensorRT profiles) is built for
+
+
+class FormatCannotExpress(HeteroError):
+    """The model uses an op (or attribute) that this format cannot express. The message names the op,
+    the node and the format. Asked for explicitly, the export fails with it; as part of the default
+    "every format" export, the format is listed as skipped with it instead."""
+
+
+@dataclass
+class ExportJob:
+    """What every exporter may use: the checkpoint, the output dir, and the inputs of the checks."""
+
+    ckpt: Any  # a loaded hetero Checkpoint (role edge/control/cloud)
+    out_dir: Path  # the temporary export directory; artifacts go directly inside it
+    name: str  # artifact base name, e.g. "edge" -> edge.onnx, edge.fp16.onnx, edge.mlpackage
+    check_inputs: np.ndarray  # preprocessed float32 [N,C,H,W]
+    check_desc: str
+    reference: np.ndarray  # the torch model's embeddings of check_inputs, float32 [N,dim]
+    calib_inputs: np.ndarray | None = None  # preprocessed training images for INT8 calibration
+    gallery: np.ndarray | None = None  # float32 [G,dim] unit rows searched for retrieval agreement
+    gallery_desc: str = ""
+    # per-format options: "batch_sizes" (tuple of ints, default BATCH_SIZES), "int8_mode" ("static" or
+    # "dynamic"), "coreml.image_input" (bool), ...; see each exporter
+    options: dict[str, Any] = field(default_factory=dict)
+    built: dict[str, Path] = field(default_factory=dict)  # format name -> file made so far in this export
+    _ref_topk: np.ndarray | None = None
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return tuple(self.options.get("batch_sizes") or BATCH_SIZES)
+
+    def reference_topk(self) -> np.ndarray:
+        if self._ref_topk is None:
+            self._ref_topk = topk_ids(self.reference, self.search_gallery(), exclude_diagonal=self.gallery is None)
+        return self._ref_topk
+
+    def search_gallery(self) -> np.ndarray:
+        """The gallery of the retrieval-agreement check: the given (cloud) gallery, else the torch
+        reference embeddings themselves."""
+        return self.gallery if self.gallery is not None else self.reference
+
+
+@dataclass(frozen=True)
+class Exporter:
+    name: str  # the --formats name, e.g. "onnx-fp16"
+    makes: str  # what the artifact is, for people
+    source: str | None  # the format it is made from; None: the torch model
+    modules: tuple[str, ...]  # Python modules it needs
+    extra: str  # the pip extra that brings them
+    build: Callable[[ExportJob, Path | None], dict[str, Any]]
+    check: Callable[[], str | None] | None = None  # any other reason it cannot run here
+
+    def unavailable(self) -> str | None:
+        """Why this format cannot be produced on this host, or None if it can."""
+        missing = [m for m in self.modules if importlib.util.find_spec(m.split(".")[0]) is None]
+        if missing:
+            return f"{', '.join(missing)} not installed (pip install 'hetero[{self.extra}]')"
+        return self.check() if self.check else None
+
+
+EXPORTERS: Registry[Exporter] = Registry("export format")
+
+
+def register_exporter(name: str, makes: str, source: str | None, modules: tuple[str, ...], extra: str,
+                      check: Callable[[], str | None] | None = None):
+    """Decorator: register ``fn(job, source_path) -> manifest entry`` as the exporter ``name``."""
+
+    def deco(fn: Callable[[ExportJob, Path | None], dict[str, Any]]):
+        ex = Exporter(name, makes, source, modules, extra, fn, check)
+        EXPORTERS.register(name)(lambda: ex)
+        return fn
+
+    return deco
+
+
+def exporter(name: str) -> Exporter:
+    return EXPORTERS.create(name)
+
+
+def topk_ids(queries: np.ndarray, gallery: np.ndarray, k: int = TOPK, *, exclude_diagonal: bool = False) -> np.ndarray:
+    """Exact inner-product top-k gallery ids of each query row, best first (ties: lower id first).
+    ``exclude_diagonal``: query i never retrieves gallery row i (the gallery is the queries' own set)."""
+    q = np.asarray(queries, dtype=np.float32)
+    g = np.asarray(gallery, dtype=np.float32)
+    k = min(k, len(g) - (1 if exclude_diagonal else 0))
+    out = np.empty((len(q), k), dtype=np.int64)
+    for i in range(0, len(q), 1024):
+        s = q[i:i + 1024] @ g.T
+        if exclude_diagonal:
+            s[np.arange(len(s)), np.arange(i, i + len(s))] = -np.inf
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        order = np.lexsort((part, -np.take_along_axis(s, part, 1)), axis=1)
+        out[i:i + 1024] = np.take_along_axis(part, order, 1)
+    return out
+
+
+def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Row-wise cosine between two embedding sets (min and mean) and the max absolute difference."""
+    a = reference.astype(np.float64)
+    b = candidate.astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "max_abs_diff": float(np.abs(a - b).max())}
+
+
+def retrieval_agreement(job: ExportJob, candidate: np.ndarray, k: int = TOPK) -> float:
+    """Mean fraction of the torch model's top-k results that the candidate's queries also retrieve,
+    searching the job's gallery (or, without one, the torch embeddings of the other check inputs)."""
+    own = job.gallery is None
+    got = topk_ids(candidate, job.search_gallery(), k, exclude_diagonal=own)
+    ref = job.reference_topk()
+    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ref, got)]
+    return float(np.mean(hits) / ref.shape[1])
+
+
+def measured_fidelity(job: ExportJob, got: np.ndarray, runtime: str, label: str = "measured") -> dict[str, Any]:
+    """Fidelity of ``got`` (the artifact's embeddings of ``job.check_inputs``) against torch."""
+    return {"reference": "torch fp32", "runtime": runtime, "inputs": job.check_desc,
+            "num_inputs": int(len(job.check_inputs)), "label": label, **fidelity(job.reference, got),
+            "top10_agreement": retrieval_agreement(job, got),
+            "top10_gallery": job.gallery_desc or "the reference embeddings of the check inputs (edge x edge, self excluded)"}
+
+
+def pending_fidelity(why: str) -> dict[str, Any]:
+    """Fidelity that cannot be measured here (yet): never reported as passed."""
+    return {"reference": "torch fp32", "label": "pending", "reason": why}
+
+
+def io_spec(job: ExportJob, *, batch: Any = "batch", dtype: str = "float32") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The input and output spec of an artifact of ``job.ckpt`` (NCHW preprocessed in, unit rows out)."""
+    from export.onnx import INPUT_NAME, OUTPUT_NAME
+
+    c, h, w = job.ckpt.input_shape
+    return ({"name": INPUT_NAME, "shape": [batch, c, h, w], "dtype": dtype, "layout": "NCHW, preprocessed"},
+            {"name": OUTPUT_NAME, "shape": [batch, job.ckpt.spec.dim], "dtype": dtype, "normalized": True})
+
+
+def artifact_entry(job: ExportJob, path: Path, *, fmt: str, precision: str, made_from: str, runtime: str,
+                   libraries: dict[str, str], fidelity: dict[str, Any], weight_bytes: int | None,
+                   **extra: Any) -> dict[str, Any]:
+    """One manifest entry: the file (or package directory) with its sha256 and sizes, how it was
+    made, what it takes and gives, and how faithful it is. ``extra`` keys are format-specific."""
+    inp, out = io_spec(job)
+    return {
+        "format": fmt,
+        "precision": precision,
+        "status": "built",
+        "file": path.name,
+        "made_from": made_from,
+        "sha256": sha256_path(path),
+        "bytes": path_bytes(path),
+        "weight_bytes": weight_bytes,
+        "input": inp,
+        "output": out,
+        "runtime": runtime,
+        "libraries": {"python": platform.python_version(), **libraries},
+        **extra,
+        "fidelity": fidelity,
+    }
