@@ -16,7 +16,8 @@ import torch
 
 from export.base import EXPORTERS, Exporter, ExportJob, FormatCannotExpress, exporter, fidelity
 from export.manifest import FILENAME, new_manifest
-from hetero._atomic import atomic_dir, write_json_atomic
+from export.manifest import FORMAT as MANIFEST_FORMAT
+from hetero._atomic import atomic_dir, check_writable_dest, write_json_atomic
 from hetero._progress import progress_bar
 from hetero.errors import HeteroError
 
@@ -28,13 +29,32 @@ for _m in FAMILIES:
 __all__ = ["EXPORTERS", "Exporter", "ExportJob", "default_formats", "export_checkpoint", "exporter", "fidelity"]
 
 
-def default_formats(*, calib: bool) -> tuple[list[str], list[dict[str, str]]]:
+def check_export_dest(dest: Path, overwrite: bool) -> None:
+    """``dest`` may be new, empty, or (with ``overwrite``) an earlier hetero export; anything else is
+    refused, so that ``--overwrite`` never deletes a directory hetero did not write."""
+    check_writable_dest(dest, overwrite)
+    if dest.exists() and (dest.is_file() or any(dest.iterdir())):
+        if dest.is_file() or not _is_hetero_export(dest):
+            raise HeteroError(f"{dest} exists and is not a hetero export (no hetero manifest.json in it); choose a new "
+                              "--out: --overwrite only replaces an earlier export")
+
+
+def _is_hetero_export(d: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((d / FILENAME).read_text()).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def default_formats(*, calib: bool, int8_mode: str = "static") -> tuple[list[str], list[dict[str, str]]]:
     """Every format this host can produce, and the others with the reason each is skipped."""
     ok, skipped = [], []
     for name in EXPORTERS.names():
         ex = exporter(name)
         why = ex.unavailable()
-        if why is None and name == "onnx-int8" and not calib:
+        if why is None and name == "onnx-int8" and not calib and int8_mode == "static":
             why = "needs calibration images from the model's training data (hetero export --data DIR --calib N; the API's calib_inputs)"
         (skipped.append({"format": name, "reason": why}) if why else ok.append(name))
     return ok, skipped
@@ -75,7 +95,7 @@ def export_checkpoint(ckpt, out: str | Path, *, formats: tuple[str, ...] | list[
     skipped: list[dict[str, str]] = []
     default_set = formats is None
     if formats is None:
-        formats, skipped = default_formats(calib=calib_inputs is not None)
+        formats, skipped = default_formats(calib=calib_inputs is not None, int8_mode=(options or {}).get("int8_mode", "static"))
     order = _build_order(list(formats))
     for f in order:
         why = exporter(f).unavailable()
@@ -97,6 +117,7 @@ def export_checkpoint(ckpt, out: str | Path, *, formats: tuple[str, ...] | list[
     with torch.no_grad():
         ref = torch.cat([ckpt.model.eval()(torch.from_numpy(check_inputs[i:i + 1024]))
                          for i in range(0, len(check_inputs), 1024)]).numpy()
+    check_export_dest(Path(out), overwrite)
     manifest = new_manifest(ckpt, name)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         job = ExportJob(ckpt, tmp, name, check_inputs, check_desc or "given inputs", ref, calib_inputs=calib_inputs,
@@ -118,5 +139,7 @@ def export_checkpoint(ckpt, out: str | Path, *, formats: tuple[str, ...] | list[
                 job.built[f] = tmp / entry["file"]
             manifest["artifacts"].append({"export_format": f, **entry})
         manifest["skipped"] = skipped
+        manifest["export"] = {"requested": None if default_set else list(formats), "options": options,
+                              "seconds": round(sum(a.get("seconds", 0.0) for a in manifest["artifacts"]), 2)}
         write_json_atomic(tmp / FILENAME, manifest)
     return manifest

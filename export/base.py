@@ -102,20 +102,12 @@ def exporter(name: str) -> Exporter:
 
 
 def topk_ids(queries: np.ndarray, gallery: np.ndarray, k: int = TOPK, *, exclude_diagonal: bool = False) -> np.ndarray:
-    """Exact inner-product top-k gallery ids of each query row, best first (ties: lower id first).
+    """Exact inner-product top-k gallery ids of each query row, best first (hetero's faiss search).
     ``exclude_diagonal``: query i never retrieves gallery row i (the gallery is the queries' own set)."""
-    q = np.asarray(queries, dtype=np.float32)
-    g = np.asarray(gallery, dtype=np.float32)
-    k = min(k, len(g) - (1 if exclude_diagonal else 0))
-    out = np.empty((len(q), k), dtype=np.int64)
-    for i in range(0, len(q), 1024):
-        s = q[i:i + 1024] @ g.T
-        if exclude_diagonal:
-            s[np.arange(len(s)), np.arange(i, i + len(s))] = -np.inf
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        order = np.lexsort((part, -np.take_along_axis(s, part, 1)), axis=1)
-        out[i:i + 1024] = np.take_along_axis(part, order, 1)
-    return out
+    from hetero.metrics import search
+
+    k = min(k, len(gallery) - int(exclude_diagonal))
+    return search(queries, gallery, k, exclude_self=exclude_diagonal)[1]
 
 
 def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:

@@ -239,54 +239,96 @@ def cmd_fit_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise HeteroError(f"{what} must be comma-separated whole numbers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise HeteroError(f"{what} must be whole numbers >= 1, got {text!r}")
+    return tuple(sorted(set(vals)))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from export import EXPORTERS, export_checkpoint, exporter
+    from export.api import check_export_dest
     from hetero.checkpoint import check_same_space, load_checkpoint
     from hetero.data import load_dataset
 
     edge = load_checkpoint(args.edge, role=("edge", "control", "cloud"))
+    cloud = None
     if args.cloud:
-        check_same_space(edge, load_checkpoint(args.cloud, role="cloud"))
-    from hetero._atomic import check_writable_dest
-
-    check_writable_dest(Path(args.out), args.overwrite)
+        cloud = load_checkpoint(args.cloud, role="cloud")
+        check_same_space(edge, cloud)
+    check_export_dest(Path(args.out), args.overwrite)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
     if formats is not None:
         for f in formats:
             EXPORTERS.get(f)  # an unknown name fails here, listing the known ones
     if args.calib is not None and args.calib < 1:
         raise HeteroError(f"--calib must be >= 1, got {args.calib}")
-    inputs, desc, calib = None, None, None
-    if args.data or args.check_real:
+    if args.check_samples < 1:
+        raise HeteroError(f"--check-samples must be >= 1, got {args.check_samples}")
+    options: dict = {"int8_mode": args.int8_mode, "ort.optimization": args.ort_optimization,
+                     "coreml.image_input": args.coreml_image_input}
+    if args.batch_sizes:
+        options["batch_sizes"] = _int_list(args.batch_sizes, "--batch-sizes")
+    trained_on = str(edge.info.get("dataset", ""))
+    own_data = args.data is not None or trained_on.startswith("fashion-mnist")
+    inputs, desc, calib, gallery, gallery_desc = None, None, None, None, ""
+    if args.data or args.check_real or cloud is not None:
         ds = load_dataset(args.data, "test", progress=not args.quiet).conform(edge.preprocess)
         ds = ds.subset(min(args.check_samples, len(ds)))
         inputs, desc = edge.preprocess.apply(ds.images), f"{ds.name} ({len(ds)} images)"
     asked_int8 = formats is not None and "onnx-int8" in formats
-    wants_int8 = asked_int8 or (formats is None and exporter("onnx-int8").unavailable() is None)
-    trained_on = str(edge.info.get("dataset", ""))
-    if wants_int8 and args.data is None and not trained_on.startswith("fashion-mnist"):
+    wants_calib = args.int8_mode == "static" and (asked_int8 or (formats is None and exporter("onnx-int8").unavailable() is None))
+    if wants_calib and not own_data:
         # calibrating on Fashion-MNIST would quantise a model of other images with the wrong ranges
         if asked_int8:
             raise HeteroError(f"onnx-int8 calibrates on the model's training images, but {args.edge} was trained on "
-                              f"{trained_on or 'unknown data'}; pass --data DIR with that dataset")
-        wants_int8 = False
-    if wants_int8:  # calibration: a seeded sample of the training split, never test images
-        import numpy as np
+                              f"{trained_on or 'unknown data'}; pass --data DIR with that dataset (or --int8-mode dynamic)")
+        wants_calib = False
+    train = None
+    if wants_calib or cloud is not None:
+        train = load_dataset(args.data, "train", progress=not args.quiet)
+    if wants_calib:  # calibration: a seeded sample of the training split, never test images
+        tr = train.conform(edge.preprocess)
+        n = min(args.calib or 512, len(tr))
+        pick = np.sort(np.random.default_rng(0).choice(len(tr), n, replace=False))
+        calib = edge.preprocess.apply(tr.images[pick])
+    if cloud is not None:  # top-10 agreement searches the real cloud gallery (cached cloud embeddings)
+        from hetero.embed import cloud_targets
 
-        train = load_dataset(args.data, "train", progress=not args.quiet).conform(edge.preprocess)
-        n = min(args.calib or 512, len(train))
-        pick = np.sort(np.random.default_rng(0).choice(len(train), n, replace=False))
-        calib = edge.preprocess.apply(train.images[pick])
+        gallery = np.asarray(cloud_targets(cloud, train.conform(cloud.preprocess), progress=not args.quiet))
+        gallery_desc = f"{train.name} ({len(train)} images) embedded by the cloud model {args.cloud}"
     manifest = export_checkpoint(edge, args.out, formats=formats, name=args.name, check_inputs=inputs, check_desc=desc,
-                                 calib_inputs=calib, overwrite=args.overwrite)
+                                 calib_inputs=calib, gallery=gallery, gallery_desc=gallery_desc, options=options,
+                                 overwrite=args.overwrite, progress=not args.quiet)
     for a in manifest["artifacts"]:
-        f = a["fidelity"]
-        print(f"{args.out}/{a['file']}: {a['export_format']} ({a['format']} {a['precision']}), {a['bytes']:,} bytes "
-              f"({a['weight_bytes']:,} of weights), sha256 {a['sha256'][:12]}, vs torch on {f['inputs']}: "
-              f"min cosine {f['min_cosine']:.7f}, mean {f['mean_cosine']:.7f}, max abs diff {f['max_abs_diff']:.2e} ({f['label']})")
+        print(describe_artifact(args.out, a))
     for s in manifest.get("skipped", []):
         print(f"skipped {s['format']}: {s['reason']}")
+    total = sum(a.get("seconds", 0.0) for a in manifest["artifacts"])
+    print(f"{len(manifest['artifacts'])} artifact(s) in {args.out} ({total:.1f} s of conversion and checks); manifest: "
+          f"{Path(args.out) / 'manifest.json'}")
     return 0
+
+
+def describe_artifact(out: str, a: dict) -> str:
+    """One line per manifest entry: what, size, and fidelity with its label."""
+    head = f"{a['export_format']:<15} "
+    if a.get("file") is None:
+        return head + f"{a.get('note', 'not built here')}; build on the target with: {a.get('build_command', '?')}"
+    size = f"{a['bytes']:,} bytes" + (f" ({a['weight_bytes']:,} of weights)" if a.get("weight_bytes") else "")
+    f = a["fidelity"]
+    if f.get("label") == "pending":
+        fid = f"fidelity pending: {f.get('reason', '')}"
+    else:
+        fid = (f"vs torch: min cosine {f['min_cosine']:.7f}, top-10 agreement {f['top10_agreement']:.2%} "
+               f"({f['label']}, {f['runtime']})")
+    return head + f"{Path(out) / a['file']}: {size}, {fid}"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -350,19 +392,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compat", action="store_true", help="train the control: own classifier, no compatibility loss")
     p.set_defaults(func=cmd_train_edge)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX with manifest.json")
+    p = sub.add_parser("export", help="export a checkpoint to every deployment format, with manifest.json")
     p.add_argument("--edge", required=True, help="checkpoint directory to export")
-    p.add_argument("--out", required=True, help="export directory to write")
-    p.add_argument("--cloud", help="cloud checkpoint: refuse to export an edge model from another space")
+    p.add_argument("--out", required=True, help="export directory to write (a new one, or an earlier export with --overwrite)")
+    p.add_argument("--cloud", help="its cloud checkpoint: refuses an edge model from another space, and the top-10 "
+                                   "agreement then searches the real cloud gallery (training split)")
     p.add_argument("--name", default="edge", help="artifact base name (default edge)")
-    p.add_argument("--data", help="check parity on this dataset's test images")
-    p.add_argument("--check-real", action="store_true", help="check parity on Fashion-MNIST test images (found as usual)")
-    p.add_argument("--check-samples", type=int, default=1000)
-    p.add_argument("--formats", help="comma-separated: onnx, onnx-fp16, onnx-int8 (default: every format this host "
-                                     "can produce; the others are listed as skipped, with the reason)")
+    p.add_argument("--data", help="the model's dataset folder: test images check fidelity, training images calibrate INT8")
+    p.add_argument("--check-real", action="store_true", help="check fidelity on Fashion-MNIST test images (found as usual)")
+    p.add_argument("--check-samples", type=int, default=1000, help="test images that check fidelity (default 1000)")
+    p.add_argument("--formats", help="comma-separated formats: onnx, onnx-fp16, onnx-int8, ort, coreml, coreml-fp16, "
+                                     "coreml-int8w, coreml-palette6, coreml-palette4, tensorrt (default: every format "
+                                     "this host can produce; the others are listed as skipped, with the reason)")
     p.add_argument("--calib", type=int, help="training images that calibrate INT8 (default 512, seeded sample; "
                                              "never test images)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--int8-mode", choices=("static", "dynamic"), default="static",
+                   help="onnx-int8: static QDQ calibrated on training images (default), or dynamic (weights only)")
+    p.add_argument("--batch-sizes", help="batch sizes of fixed-shape targets: Core ML EnumeratedShapes, TensorRT "
+                                         "profile min/opt/max (default 1,8,32)")
+    p.add_argument("--coreml-image-input", action="store_true",
+                   help="Core ML takes an image (CVPixelBuffer) whose scale/bias reproduce the preprocessing")
+    p.add_argument("--ort-optimization", choices=("fixed", "runtime"), default="fixed",
+                   help="ORT Mobile: optimise now for the CPU provider (fixed), or keep portable for NNAPI/Core ML EPs")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier hetero export at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_export)
 
