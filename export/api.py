@@ -51,7 +51,7 @@ def _is_hetero_export(d: Path) -> bool:
 def default_formats(*, calib: bool, int8_mode: str = "static") -> tuple[list[str], list[dict[str, str]]]:
     """Every format this host can produce, and the others with the reason each is skipped."""
     ok, skipped = [], []
-    for name in EXPORTERS.names():
+    for name in EXPORTERS.registered():
         ex = exporter(name)
         why = ex.unavailable()
         if why is None and name == "onnx-int8" and not calib and int8_mode == "static":

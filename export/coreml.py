@@ -1,0 +1,503 @@
+"""Core ML: ML Program packages (``.mlpackage``, iOS 16 / macOS 13 and later) converted by
+coremltools from the traced torch model, and weight-compressed variants made from the FP32 package.
+
+* ``coreml``: FP32 compute. ``coreml-fp16``: FP16 weights and compute, except the final L2
+  normalisation, kept in FP32 as in ``onnx-fp16`` (in FP16 its eps of 1e-12 underflows to 0, so an
+  all-zero projection gives 0/0 = NaN, and a sum of squares above 65504 overflows).
+* ``coreml-int8w`` (8-bit linear symmetric per-channel weights), ``coreml-palette6`` and
+  ``coreml-palette4`` (k-means palettisation, one 2^n-entry table per tensor: per-channel tables
+  need iOS 18): made from the ``coreml`` package by ``coremltools.optimize.coreml``, which reads and
+  writes packages without Core ML itself, so all three work on Linux. coremltools clusters FP32
+  weights with scikit-learn's KMeans, so the palettised two also need scikit-learn. Tensors under
+  the compressor's ``weight_threshold`` (coremltools' default 2048 elements; option
+  ``coreml.weight_threshold``) stay FP32: the entry's ``compression`` says what was compressed.
+
+The input is a float tensor with enumerated batch sizes (``job.batch_sizes``), never a RangeDim: a
+flexible range keeps the model off the Neural Engine, enumerated shapes do not. With the option
+``coreml.image_input`` the input is an image (batch 1) and the checkpoint's preprocessing is done
+inside the model. Tracing is ``torch.jit.trace``: ``torch.export`` programs are specialised to the
+example's batch and coremltools 9 rejects enumerated batch sizes for them.
+
+``MLModel.predict`` needs macOS, so fidelity here is ``pending``, never measured or passed.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import numbers
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.base import ExportJob, FormatCannotExpress, artifact_entry, io_spec, pending_fidelity, register_exporter
+from export.onnx import INPUT_NAME, OUTPUT_NAME
+from hetero.errors import HeteroError, require
+
+DEPLOYMENT_TARGET = "iOS16"
+MIN_SPEC_VERSION = 7  # the Core ML specification version of iOS 16 / macOS 13
+WEIGHT_FILE = Path("Data") / "com.apple.CoreML" / "weights" / "weight.bin"
+PENDING = "Core ML runs only on macOS; the Linux reference interpreter comes with the devices issue"
+OUTPUT_DESC = "L2-normalised embedding"
+DEFAULT_LICENSE = "Apache-2.0"
+FP32_TAIL_FROM = "reduce_l2_norm"  # in coreml-fp16 this op and everything after it stay FP32
+
+
+def _first_line(e: BaseException) -> str:
+    return ((str(e).strip().splitlines() or [e.__class__.__name__])[0])[:300]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No warnings, progress bars or log lines from coremltools (which logs to the "coremltools"
+    logger); its messages are kept, to name the op that failed to convert."""
+    log = logging.getLogger("coremltools")
+    keep = log.handlers[:], log.propagate, log.level
+    rec = _Records()
+    log.handlers[:] = [rec]
+    log.propagate = False
+    log.setLevel(logging.WARNING)
+    out = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            warnings.simplefilter("ignore")
+            yield rec
+    finally:
+        log.handlers[:] = keep[0]
+        log.propagate = keep[1]
+        log.setLevel(keep[2])
+
+
+def _ct():
+    """coremltools, imported quietly (it logs about untested torch/sklearn versions and the
+    macOS-only runtime on import)."""
+    with _quiet():
+        return require("coremltools", "coreml")
+
+
+def _check() -> str | None:
+    """Saving an ML Program needs coremltools' native weight-storage library (absent from some wheels)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("coremltools")
+    dirs = list(spec.submodule_search_locations or []) if spec else []
+    if any(next(Path(d).glob("libmilstoragepython*"), None) for d in dirs):
+        return None
+    return "coremltools has no native libmilstoragepython on this platform (it cannot write ML Programs)"
+
+
+def _batch_sizes(job: ExportJob) -> tuple[int, ...]:
+    sizes = job.batch_sizes
+    ok = all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in sizes)
+    if not sizes or not ok or len(set(sizes)) != len(sizes):
+        raise HeteroError(f"option batch_sizes must be distinct positive integers, got {sizes!r}; e.g. (1, 8, 32)")
+    return tuple(int(b) for b in sizes)
+
+
+def _image_spec(job: ExportJob) -> dict[str, Any]:
+    """The ImageType that reproduces the checkpoint's preprocessing: x = pixel * scale + bias with
+    scale = 1 / (255 std) and bias_c = -mean_c / std_c. Core ML's scale is one scalar for all
+    channels, so per-channel std cannot be expressed."""
+    prep = job.ckpt.preprocess
+    if len(set(prep.std)) != 1:
+        raise HeteroError(f"coreml.image_input cannot reproduce per-channel std {list(prep.std)}: a Core ML ImageType "
+                          "scale is one scalar for all channels; export with the tensor input (drop coreml.image_input) "
+                          "and normalise before calling the model")
+    std = prep.std[0]
+    return {"color_layout": "G" if prep.channels == 1 else "RGB", "scale": 1.0 / (255.0 * std),
+            "bias": [-m / s for m, s in zip(prep.mean, prep.std)]}
+
+
+def _input_type(ct, job: ExportJob, sizes: tuple[int, ...], image: dict[str, Any] | None):
+    c, h, w = job.ckpt.input_shape
+    if image is not None:
+        layout = ct.colorlayout.GRAYSCALE if image["color_layout"] == "G" else ct.colorlayout.RGB
+        bias = image["bias"][0] if len(image["bias"]) == 1 else list(image["bias"])
+        return ct.ImageType(name=INPUT_NAME, shape=(1, c, h, w), scale=image["scale"], bias=bias, color_layout=layout)
+    # float32 I/O, also in coreml-fp16 (coremltools 9 makes FP16 models' I/O float16 unless told)
+    if len(sizes) == 1:
+        return ct.TensorType(name=INPUT_NAME, shape=(sizes[0], c, h, w), dtype=np.float32)
+    # Enumerated batch sizes, not ct.RangeDim: a flexible range keeps the model off the Neural Engine
+    return ct.TensorType(name=INPUT_NAME, shape=ct.EnumeratedShapes(shapes=[(b, c, h, w) for b in sizes],
+                                                                     default=(sizes[0], c, h, w)), dtype=np.float32)
+
+
+def _fp32_tail_selector():
+    """FP16 op selector (True: FP16): False, keeping FP32, for the L2 normalisation and every op after it."""
+    tail: dict[int, bool] = {}  # id(op) -> is it reduce_l2_norm or downstream of one
+
+    def producers(op):
+        for v in op.inputs.values():
+            for var in (v if isinstance(v, (list, tuple)) else (v,)):
+                p = getattr(var, "op", None)
+                if p is not None:
+                    yield p
+
+    def in_tail(op) -> bool:
+        stack = [op]
+        while stack:  # iterative post-order: deep graphs exceed Python's recursion limit
+            o = stack[-1]
+            if id(o) in tail:
+                stack.pop()
+                continue
+            todo = [p for p in producers(o) if id(p) not in tail]
+            if todo and o.op_type != FP32_TAIL_FROM:
+                stack.extend(todo)
+                continue
+            tail[id(o)] = o.op_type == FP32_TAIL_FROM or any(tail[id(p)] for p in producers(o))
+            stack.pop()
+        return tail[id(op)]
+
+    return lambda op: not in_tail(op)
+
+
+def _failed_op(messages: list[str]) -> tuple[str | None, str | None]:
+    """The op coremltools was converting when it failed, and where, from its error log line."""
+    kind = where = None
+    for m in messages:  # "ERROR - converting 'fft_rfft2' op (located at: 'backbone/head'):"
+        hit = re.search(r"converting '([^']+)' op \(located at: '([^']*)'\)", m)
+        if hit:
+            kind, where = hit.group(1), hit.group(2)
+    return kind, where
+
+
+def _unsupported(e: BaseException, messages: list[str], traced, fmt: str) -> FormatCannotExpress | None:
+    """A FormatCannotExpress naming the torch op (and where it is) if ``e`` is coremltools refusing an op."""
+    text = str(e)
+    if not isinstance(e, NotImplementedError) and "not implemented" not in text and "Unsupported fx node" not in text:
+        return None
+    kind, where = _failed_op(messages)
+    if kind is None:
+        hit = re.search(r"op '([^']+)'|`([^`]+)` op|Unsupported fx node (\S+)", text)
+        kind = next((g for g in hit.groups() if g), None) if hit else None
+    if kind is None:
+        return None
+    full = kind
+    with contextlib.suppress(Exception):  # the TorchScript name, e.g. aten::fft_rfft2
+        full = next(n.kind() for n in traced.inlined_graph.nodes() if n.kind().split("::")[-1] == kind)
+    node = f" (node {where or kind})"  # coremltools' location: module path / TorchScript value
+    return FormatCannotExpress(f"{fmt} cannot express op '{full}'{node}: {_first_line(e).rstrip('.')}; "
+                               "export another format or replace the op")
+
+
+def coreml_from_torch(job: ExportJob, path: Path, *, fp16: bool, fmt: str) -> dict[str, Any]:
+    """Trace ``job.ckpt.model`` and convert it to an ML Program saved at ``path``; returns what the
+    manifest entry records about the input."""
+    ct = _ct()
+    ckpt = job.ckpt
+    c, h, w = ckpt.input_shape
+    sizes = _batch_sizes(job)
+    image = _image_spec(job) if job.options.get("coreml.image_input") else None
+    if image is not None:
+        sizes = (1,)
+    model = ckpt.model.eval()
+    try:
+        with _quiet(), warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always", torch.jit.TracerWarning)
+            # batch 2, not 1: a batch-1 trace may bake the batch into reshapes and squeezes. No
+            # check_trace: it re-runs the model only to warn; tracer warnings are recorded instead
+            traced = torch.jit.trace(model, torch.zeros((2, c, h, w)), check_trace=False)
+    except Exception as e:
+        raise HeteroError(f"{fmt}: torch.jit.trace failed on the model: {_first_line(e)}; export another format") from None
+    # e.g. data-dependent Python control flow, frozen into the trace: kept in the manifest entry
+    trace_warnings = sorted({_first_line(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
+    precision = (ct.transform.FP16ComputePrecision(op_selector=_fp32_tail_selector()) if fp16 else ct.precision.FLOAT32)
+    with _quiet() as rec:
+        try:
+            ml = ct.convert(traced, inputs=[_input_type(ct, job, sizes, image)],
+                            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+                            convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                            compute_precision=precision, compute_units=ct.ComputeUnit.ALL)
+        except Exception as e:
+            cannot = _unsupported(e, rec.messages, traced, fmt)
+            if cannot is not None:
+                raise cannot from None
+            kind, where = _failed_op(rec.messages)
+            at = f" at op '{kind}' (node {where or kind})" if kind else ""
+            raise HeteroError(f"{fmt}: coremltools could not convert the model{at}: {_first_line(e).rstrip('.')}; "
+                              "export another format, or report the model") from None
+        _describe(ml, job, sizes, image)
+        try:
+            ml.save(str(path))
+        except Exception as e:
+            raise HeteroError(f"{fmt}: coremltools could not save {path.name}: {_first_line(e)}") from None
+    return {"input_kind": "image" if image else "tensor", "batch_sizes": list(sizes), "image": image,
+            "trace_warnings": trace_warnings}
+
+
+def _version() -> str:
+    import hetero
+
+    v = getattr(hetero, "__version__", None)
+    if not v:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("hetero")
+        except PackageNotFoundError:
+            v = "unknown"
+    return str(v)
+
+
+def _describe(ml, job: ExportJob, sizes: tuple[int, ...], image: dict[str, Any] | None) -> None:
+    """Model metadata: who made it, what it is, which cloud space its embeddings live in."""
+    ckpt = job.ckpt
+    c, h, w = ckpt.input_shape
+    lic = (getattr(ckpt, "info", None) or {}).get("license") or (getattr(ckpt, "config", None) or {}).get("license")
+    ml.author = "hetero"
+    ml.version = _version()
+    ml.license = str(lic or DEFAULT_LICENSE)
+    ml.short_description = (f"hetero {ckpt.role} embedding model ({ckpt.spec.dim}-d), compatible with cloud space "
+                            f"{ckpt.space[:12]}")
+    if image:
+        layout = f"image {image['color_layout']} {w}x{h}, 8-bit pixels, preprocessing inside the model, batch 1"
+    else:
+        layout = f"NCHW float32 [batch, {c}, {h}, {w}], preprocessed (see preprocessing)"
+    meta = {
+        "hetero.embedding_dim": str(ckpt.spec.dim),
+        "hetero.preprocessing": json.dumps(ckpt.preprocess.to_dict(), sort_keys=True),
+        "hetero.space_fingerprint": ckpt.space,
+        "hetero.checkpoint_fingerprint": ckpt.fingerprint,
+        "hetero.input_layout": layout,
+        "hetero.batch_sizes": json.dumps(list(sizes)),
+        "hetero.output": OUTPUT_DESC,
+    }
+    for k, v in meta.items():
+        ml.user_defined_metadata[k] = v
+    ml.input_description[INPUT_NAME] = layout
+    ml.output_description[OUTPUT_NAME] = f"{OUTPUT_DESC}, float32 [batch, {ckpt.spec.dim}]"
+
+
+def _spec(path: Path):
+    ct = _ct()
+    with _quiet():
+        return ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+
+
+def _walk(spec):
+    """Every MIL operation of the saved program, nested blocks included."""
+    def block_ops(block):
+        for op in block.operations:
+            yield op
+            for b in op.blocks:
+                yield from block_ops(b)
+
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            yield from block_ops(block)
+
+
+def program_ops(spec) -> list[str]:
+    return sorted({op.type for op in _walk(spec)})
+
+
+def _numel(t) -> int:
+    n = 1
+    for d in t.dimensions:
+        n *= int(d.constant.size) if d.WhichOneof("dimension") == "constant" else 1
+    return n
+
+
+def weight_summary(spec) -> dict[str, Any]:
+    """Float tensors stored in the program: compressed (``constexpr_*`` ops) and left as plain
+    ``const``, with their element counts and storage types."""
+    _ct()
+    from coremltools.proto import MIL_pb2
+
+    name = MIL_pb2.DataType.Name
+    out: dict[str, Any] = {"compressed": {"tensors": 0, "params": 0, "ops": []},
+                           "uncompressed": {"tensors": 0, "params": 0, "dtypes": {}}}
+    for op in _walk(spec):
+        if not op.outputs:
+            continue
+        t = op.outputs[0].type.tensorType
+        if op.type.startswith("constexpr_"):
+            out["compressed"]["tensors"] += 1
+            out["compressed"]["params"] += _numel(t)
+            if op.type not in out["compressed"]["ops"]:
+                out["compressed"]["ops"].append(op.type)
+        elif op.type == "const" and t.rank >= 1 and name(t.dataType) in ("FLOAT32", "FLOAT16"):
+            out["uncompressed"]["tensors"] += 1
+            out["uncompressed"]["params"] += _numel(t)
+            d = name(t.dataType).lower()
+            out["uncompressed"]["dtypes"][d] = out["uncompressed"]["dtypes"].get(d, 0) + 1
+    return out
+
+
+def _verify(path: Path, job: ExportJob, fmt: str, sizes: list[int], kind: str):
+    """Reload the saved spec: input name and shapes, output name, spec version, metadata."""
+    spec = _spec(path)
+    from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType
+
+    FLOAT32 = ArrayFeatureType.FLOAT32
+    c, h, w = job.ckpt.input_shape
+    d = spec.description
+    why = None
+    if spec.specificationVersion < MIN_SPEC_VERSION:
+        why = f"specification version {spec.specificationVersion} < {MIN_SPEC_VERSION} ({DEPLOYMENT_TARGET})"
+    elif spec.WhichOneof("Type") != "mlProgram":
+        why = f"it is a {spec.WhichOneof('Type')}, not an ML Program"
+    elif [i.name for i in d.input] != [INPUT_NAME] or [o.name for o in d.output] != [OUTPUT_NAME]:
+        why = f"its inputs/outputs are {[i.name for i in d.input]}/{[o.name for o in d.output]}"
+    elif d.output[0].type.multiArrayType.dataType != FLOAT32 or (
+            kind == "tensor" and d.input[0].type.multiArrayType.dataType != FLOAT32):
+        why = "its input or output is not float32"
+    elif kind == "image":
+        it = d.input[0].type.imageType
+        if d.input[0].type.WhichOneof("Type") != "imageType" or (it.width, it.height) != (w, h):
+            why = "its input is not the expected image"
+    else:
+        arr = d.input[0].type.multiArrayType
+        got = [list(s.shape) for s in arr.enumeratedShapes.shapes] or [list(arr.shape)]
+        if d.input[0].type.WhichOneof("Type") != "multiArrayType" or got != [[b, c, h, w] for b in sizes]:
+            why = f"its input shapes are {got}, expected batch sizes {sizes}"
+    meta = d.metadata
+    if why is None and (meta.author != "hetero" or not meta.versionString or not meta.shortDescription
+                        or meta.userDefined.get("hetero.space_fingerprint") != job.ckpt.space):
+        why = "its metadata is missing"
+    if why:
+        raise HeteroError(f"the saved {fmt} package {path.name} fails its check: {why}; report the model")
+    return spec
+
+
+def _weight_bytes(path: Path) -> int | None:
+    f = path / WEIGHT_FILE
+    return f.stat().st_size if f.is_file() else None
+
+
+def _entry(job: ExportJob, path: Path, *, fmt: str, precision: str, made_from: str, compute_precision: str,
+           sizes: list[int], kind: str, image: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    ct = _ct()
+    spec = _verify(path, job, fmt, sizes, kind)
+    e = artifact_entry(job, path, fmt="coreml", precision=precision, made_from=made_from, runtime="coreml",
+                       libraries={"coremltools": ct.__version__, "torch": torch.__version__},
+                       fidelity=pending_fidelity(PENDING), weight_bytes=_weight_bytes(path),
+                       deployment_target=DEPLOYMENT_TARGET, batch_sizes=sizes,
+                       spec_version=int(spec.specificationVersion), ops=program_ops(spec),
+                       compute_precision=compute_precision, input_kind=kind, **extra)
+    if kind == "image":
+        c, h, w = job.ckpt.input_shape
+        e["input"] = {"name": INPUT_NAME, "shape": [1, c, h, w], "dtype": "uint8 image",
+                      "layout": f"image ({'Grayscale' if c == 1 else 'RGB'}), preprocessing inside the model",
+                      "scale": image["scale"], "bias": image["bias"]}
+        e["output"] = io_spec(job, batch=1)[1]
+    else:
+        batch = f"batch in {tuple(sizes)}" if len(sizes) > 1 else sizes[0]
+        e["input"], e["output"] = io_spec(job, batch=batch)
+    return e
+
+
+def _from_torch(job: ExportJob, fmt: str, fp16: bool) -> dict[str, Any]:
+    suffix = ".fp16" if fp16 else ""
+    path = job.out_dir / f"{job.name}{suffix}.mlpackage"
+    info = coreml_from_torch(job, path, fp16=fp16, fmt=fmt)
+    extra: dict[str, Any] = {"fp32_ops": f"{FP32_TAIL_FROM} and every op after it (the L2 normalisation)"} if fp16 else {}
+    if info["trace_warnings"]:
+        extra["trace_warnings"] = info["trace_warnings"]
+    return _entry(job, path, fmt=fmt, precision="fp16" if fp16 else "fp32", made_from="torch (torch.jit.trace)",
+                  compute_precision="fp16" if fp16 else "fp32", sizes=info["batch_sizes"], kind=info["input_kind"],
+                  image=info["image"], converter="coremltools.convert (mlprogram)", **extra)
+
+
+@register_exporter("coreml", "Core ML ML Program (.mlpackage) FP32, iOS 16+, enumerated batch sizes", None,
+                   ("coremltools",), "coreml", check=_check)
+def _export_coreml(job: ExportJob, source: Path | None) -> dict[str, Any]:
+    return _from_torch(job, "coreml", fp16=False)
+
+
+@register_exporter("coreml-fp16", "Core ML ML Program (.mlpackage) FP16 weights and compute, FP32 L2 normalisation",
+                   None, ("coremltools",), "coreml", check=_check)
+def _export_coreml_fp16(job: ExportJob, source: Path | None) -> dict[str, Any]:
+    return _from_torch(job, "coreml-fp16", fp16=True)
+
+
+# name -> (file suffix, manifest precision, coremltools.optimize.coreml call, its op config)
+COMPRESSIONS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "coreml-int8w": ("int8w", "int8-weights", "linear_quantize_weights",
+                     {"config": "OpLinearQuantizerConfig", "mode": "linear_symmetric", "dtype": "int8",
+                      "granularity": "per_channel"}),
+    "coreml-palette6": ("palette6", "palette6", "palettize_weights",
+                        {"config": "OpPalettizerConfig", "mode": "kmeans", "nbits": 6, "granularity": "per_tensor"}),
+    "coreml-palette4": ("palette4", "palette4", "palettize_weights",
+                        {"config": "OpPalettizerConfig", "mode": "kmeans", "nbits": 4, "granularity": "per_tensor"}),
+}
+
+
+def compress_coreml(src: Path, dst: Path, fmt: str, weight_threshold: int | None = None) -> dict[str, Any]:
+    """Compress the weights of the package ``src`` into ``dst`` with ``coremltools.optimize.coreml``."""
+    ct = _ct()
+    cto = require("coremltools.optimize.coreml", "coreml")
+    _, _, fn, cfg = COMPRESSIONS[fmt]
+    kw = {k: v for k, v in cfg.items() if k != "config"}
+    if weight_threshold is not None:
+        if isinstance(weight_threshold, bool) or not isinstance(weight_threshold, int) or weight_threshold < 0:
+            raise HeteroError(f"option coreml.weight_threshold must be a non-negative integer, got {weight_threshold!r}")
+        kw["weight_threshold"] = weight_threshold
+    with _quiet():
+        try:
+            op_config = getattr(cto, cfg["config"])(**kw)
+            model = ct.models.MLModel(str(src), skip_model_load=True)
+            out = getattr(cto, fn)(model, config=cto.OptimizationConfig(global_config=op_config))
+            out.save(str(dst))
+        except HeteroError:
+            raise
+        except Exception as e:
+            raise HeteroError(f"{fmt}: coremltools.optimize.coreml.{fn} failed: {_first_line(e)}; "
+                              "export coreml or coreml-fp16 instead, or report the model") from None
+    return {"method": f"coremltools.optimize.coreml.{fn}", **cfg,
+            "weight_threshold": kw.get("weight_threshold", op_config.weight_threshold)}
+
+
+def _compressed(job: ExportJob, source: Path | None, fmt: str) -> dict[str, Any]:
+    if source is None:
+        raise FormatCannotExpress(f"{fmt} is made from the coreml package, which was not built (see coreml's reason)")
+    suffix, precision, _, _ = COMPRESSIONS[fmt]
+    path = job.out_dir / f"{job.name}.{suffix}.mlpackage"
+    compression = compress_coreml(source, path, fmt, job.options.get("coreml.weight_threshold"))
+    spec = _spec(source)
+    d = spec.description.input[0].type
+    kind = "image" if d.WhichOneof("Type") == "imageType" else "tensor"
+    sizes = [1]
+    if kind == "tensor":
+        arr = d.multiArrayType
+        sizes = [int(s.shape[0]) for s in arr.enumeratedShapes.shapes] or [int(arr.shape[0])]
+    summary = weight_summary(_spec(path))
+    compression.update(compressed=summary["compressed"], uncompressed=summary["uncompressed"])
+    if summary["compressed"]["tensors"] == 0:
+        compression["note"] = "no weight tensor reached the weight_threshold: nothing was compressed"
+    image = _image_spec(job) if kind == "image" else None
+    return _entry(job, path, fmt=fmt, precision=precision, made_from=source.name, compute_precision="fp32",
+                  sizes=sizes, kind=kind, image=image, compression=compression)
+
+
+@register_exporter("coreml-int8w", "Core ML FP32 package with 8-bit linear (symmetric, per-channel) weights", "coreml",
+                   ("coremltools",), "coreml", check=_check)
+def _export_coreml_int8w(job: ExportJob, source: Path | None) -> dict[str, Any]:
+    return _compressed(job, source, "coreml-int8w")
+
+
+@register_exporter("coreml-palette6", "Core ML FP32 package with 6-bit k-means palettised weights", "coreml",
+                   ("coremltools", "sklearn"), "coreml", check=_check)
+def _export_coreml_palette6(job: ExportJob, source: Path | None) -> dict[str, Any]:
+    return _compressed(job, source, "coreml-palette6")
+
+
+@register_exporter("coreml-palette4", "Core ML FP32 package with 4-bit k-means palettised weights", "coreml",
+                   ("coremltools", "sklearn"), "coreml", check=_check)
+def _export_coreml_palette4(job: ExportJob, source: Path | None) -> dict[str, Any]:
+    return _compressed(job, source, "coreml-palette4")

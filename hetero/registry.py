@@ -37,5 +37,9 @@ class Registry(Generic[T]):
     def names(self, prefix: str = "") -> list[str]:
         return sorted(n for n in self._items if n.startswith(prefix))
 
+    def registered(self) -> list[str]:
+        """Names in registration order (e.g. exporters: sources before what is made from them)."""
+        return list(self._items)
+
     def __contains__(self, name: str) -> bool:
         return name in self._items
