@@ -126,7 +126,11 @@ def export_checkpoint(ckpt, out: str | Path, *, formats: tuple[str, ...] | list[
         for f in bar:
             bar.set_postfix_str(f)
             ex = exporter(f)
+            job.current_format = f
             t0 = time.perf_counter()
+            if ex.source and ex.source not in job.built:  # its source was skipped (default set only)
+                skipped.append({"format": f, "reason": f"made from {ex.source}, which was skipped"})
+                continue
             try:
                 entry = ex.build(job, job.built.get(ex.source) if ex.source else None)
             except FormatCannotExpress as e:

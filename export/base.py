@@ -47,6 +47,7 @@ class ExportJob:
     # "dynamic"), "coreml.image_input" (bool), ...; see each exporter
     options: dict[str, Any] = field(default_factory=dict)
     built: dict[str, Path] = field(default_factory=dict)  # format name -> file made so far in this export
+    current_format: str = ""  # the format being built now (set by the driver)
     _ref_topk: np.ndarray | None = None
 
     @property
@@ -80,6 +81,20 @@ class Exporter:
         if missing:
             return f"{', '.join(missing)} not installed (pip install 'hetero[{self.extra}]')"
         return self.check() if self.check else None
+
+
+class FormatBreaksModel(FormatCannotExpress):
+    """The artifact was made but its embeddings no longer match the model's (mean cosine below
+    ``BROKEN_MEAN_COSINE``): not something to ship, so handled like an op the format cannot express."""
+
+
+BROKEN_MEAN_COSINE = 0.9  # far below every precision's target: the conversion broke the model
+
+
+def check_not_broken(fmt: str, fid: dict[str, Any]) -> None:
+    if fid.get("mean_cosine") is not None and fid["mean_cosine"] < BROKEN_MEAN_COSINE:
+        raise FormatBreaksModel(f"{fmt} breaks this model: mean cosine {fid['mean_cosine']:.4f} vs torch on "
+                                f"{fid.get('inputs')} (min {fid['min_cosine']:.4f}); do not ship it, use another format")
 
 
 EXPORTERS: Registry[Exporter] = Registry("export format")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.base import ExportJob, artifact_entry, measured_fidelity, register_exporter
+from export.base import ExportJob, artifact_entry, check_not_broken, measured_fidelity, register_exporter
 from hetero.errors import HeteroError, require
 
 INPUT_NAME = "input"
@@ -125,10 +125,12 @@ def onnx_entry(job: ExportJob, path: Path, precision: str, made_from: str, *, fm
     if not np.isfinite(got).all():
         raise HeteroError(f"the {precision} {fmt} model gives NaN/Inf embeddings on the check inputs; "
                           "do not ship it, and report the model")
+    fid = measured_fidelity(job, got, runtime)
+    check_not_broken(job.current_format or fmt, fid)
     return artifact_entry(job, path, fmt=fmt, precision=precision, made_from=made_from, runtime="onnxruntime",
                           libraries={"torch": torch.__version__, "onnx": onnx.__version__,
                                      "onnxruntime": onnxruntime.__version__, **extra.pop("libraries", {})},
-                          fidelity=measured_fidelity(job, got, runtime),
+                          fidelity=fid,
                           weight_bytes=weight_bytes(path) if fmt == "onnx" else extra.pop("weight_bytes", None),
                           opset=OPSET, **extra)
 

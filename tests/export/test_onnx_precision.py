@@ -99,3 +99,26 @@ def test_dynamic_int8_needs_no_calibration(tmp_path, saved, synth, prep):
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "d" / a["file"])).graph.node}
     assert ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}  # really quantised at run time
+
+
+def test_a_format_that_breaks_the_model_is_refused_or_skipped(tmp_path, saved, synth, prep, monkeypatch):
+    """An artifact whose embeddings no longer match torch (mean cosine < 0.9) is never shipped: an
+    explicit request fails naming the format and the measured cosine; the default set skips it."""
+    import export.onnx as eo
+
+    real = eo.ort_embed
+
+    def scrambled(path, inputs, batch_size=1024):
+        got, rt = real(path, inputs, batch_size)
+        return (got[::-1].copy() if str(path).endswith(".fp16.onnx") else got), rt
+
+    monkeypatch.setattr(eo, "ort_embed", scrambled)
+    edge = load_checkpoint(saved / "edge")
+    x = prep.apply(synth[1].images)
+    with pytest.raises(HeteroError, match=r"onnx-fp16 breaks this model: mean cosine 0\.\d+"):
+        export_checkpoint(edge, tmp_path / "a", formats=("onnx-fp16",), check_inputs=x)
+    assert not (tmp_path / "a").exists()
+    m = export_checkpoint(edge, tmp_path / "b", formats=None, check_inputs=x,
+                          options={"batch_sizes": (1, 2)})
+    assert "onnx-fp16" not in [a["export_format"] for a in m["artifacts"]]
+    assert any(s["format"] == "onnx-fp16" and "breaks this model" in s["reason"] for s in m["skipped"])
