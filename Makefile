@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # never reaches for a different multi-GB build.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data demo test bench clean
+.PHONY: install data demo deploy test bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,13 @@ data: $(STAMP)
 
 demo: data
 	$(VENV)/bin/hetero demo
+
+# every deployment format of the demo's edge model (run `make demo` first), fidelity on the 10k test
+# queries against the cloud gallery
+deploy: data
+	@test -d runs/demo/edge || { echo "error: no runs/demo/edge; run make demo first"; exit 2; }
+	$(VENV)/bin/hetero export --edge runs/demo/edge --cloud runs/demo/cloud --check-real --check-samples 10000 \
+		--out runs/demo/deploy --overwrite
 
 test: data
 	$(VENV)/bin/pytest -q

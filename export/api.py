@@ -124,7 +124,7 @@ def export_checkpoint(ckpt, out: str | Path, *, formats: tuple[str, ...] | list[
                         gallery=gallery, gallery_desc=gallery_desc, options=options)
         bar = progress_bar(order, desc="export", unit="format", disable=not progress)
         for f in bar:
-            bar.set_postfix_str(f)
+            bar.set_postfix_str(f, refresh=False)
             ex = exporter(f)
             job.current_format = f
             t0 = time.perf_counter()

@@ -615,7 +615,7 @@ def _export_tensorrt(job: ExportJob, source: Path | None) -> dict[str, Any]:
             "runtime": "tensorrt (on the target)",
             "libraries": {"python": platform.python_version(), **_libraries()},
             "note": f"engine not built here: build on target ({why}; a TensorRT plan is specific to the GPU "
-                    "and the TensorRT version that build it)",
+                    "and the TensorRT version that built it)",
             **common,
             "fidelity": pending_fidelity("engine not built here; build it on the target, then run hetero verify there"),
         }

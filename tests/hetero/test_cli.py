@@ -214,3 +214,45 @@ def test_cache_lists_and_clears_only_target_files(tmp_path, monkeypatch, capsys,
     assert code == 0 and "deleted 2" in out
     assert [p.name for p in (tmp_path / "targets").iterdir()] == ["notes.txt"]
     assert "0 file(s)" in run(capsys, "cache")[1]
+
+
+def _export_fails(trained, tmp_path, *extra, env=None):
+    """``hetero export`` as a user types it, in its own process: one line, exit 2, no traceback."""
+    exe = Path(sys.executable).with_name("hetero")
+    p = subprocess.run([str(exe), "export", "--edge", str(trained / "edge"), "--quiet", *map(str, extra)],
+                       capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    return lines[0]
+
+
+def test_export_bad_input_as_typed(trained, tmp_path):
+    """The issue's bad-input list for export, each a one-line error and nothing left behind."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    msg = _export_fails(trained, tmp_path, "--out", mine, "--overwrite")  # exists, not a hetero export
+    assert "is not a hetero export" in msg and (mine / "notes.txt").read_text() == "keep me"
+    msg = _export_fails(trained, tmp_path, "--out", tmp_path / "a", "--cloud", trained / "cloud2")  # another space
+    assert "cloud space" in msg
+    msg = _export_fails(trained, tmp_path, "--out", tmp_path / "b", "--formats", "onnx,tflite")  # unknown format
+    assert "unknown export format 'tflite'" in msg and "coreml" in msg and "tensorrt" in msg
+    msg = _export_fails(trained, tmp_path, "--out", tmp_path / "c", "--batch-sizes", "1,x")
+    assert "--batch-sizes" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_export_names_the_pip_extra_of_a_missing_library(trained, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real(name, *a))
+    msg = one_line_error(*run(capsys, "export", "--edge", trained / "edge", "--out", tmp_path / "x", "--formats",
+                              "coreml-fp16", "--quiet")[::2])
+    assert "coremltools not installed" in msg and "pip install 'hetero[coreml]'" in msg
+    code, out, _ = run(capsys, "export", "--edge", trained / "edge", "--out", tmp_path / "y", "--formats", "onnx", "--quiet")
+    assert code == 0
+    code, out, _ = run(capsys, "export", "--edge", trained / "edge", "--out", tmp_path / "z", "--quiet")  # default set
+    assert code == 0 and "skipped coreml: coremltools not installed (pip install 'hetero[coreml]')" in out
+    assert not (tmp_path / "x").exists()
