@@ -37,6 +37,7 @@ def onnx_fp16_from_onnx(src: str | Path, dst: str | Path) -> Path:
             half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_BLOCK_LIST))
             from onnxruntime.transformers.onnx_model import OnnxModel
 
+            _drop_duplicate_nodes(half)
             OnnxModel(half).topological_sort()  # the converter appends its input casts at the end
     except Exception as e:
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
@@ -46,8 +47,33 @@ def onnx_fp16_from_onnx(src: str | Path, dst: str | Path) -> Path:
             raise HeteroError(f"the FP16 model's {v.name!r} is not FP32 despite keep_io_types; report the model")
     dst = Path(dst)
     onnx.save(half, str(dst))
-    onnx.checker.check_model(str(dst))
+    try:
+        onnx.checker.check_model(str(dst))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise HeteroError(f"the FP16 ONNX model fails onnx's checker: {first[:300]}; report the model") from None
     return dst
+
+
+def _drop_duplicate_nodes(model) -> None:
+    """onnxruntime 1.30's converter inserts the same FP32 cast twice when a tensor feeds two blocked
+    nodes (e.g. the projection into ReduceL2 and Div): identical nodes writing the same output. Keep
+    the first; two *different* nodes writing one name is a real error."""
+    seen: dict[str, bytes] = {}
+    keep = []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True) if hasattr(node, "SerializeToString") else None
+        clash = [o for o in node.output if o in seen]
+        if clash:
+            if all(seen[o] == key for o in clash) and len(clash) == len(node.output):
+                continue
+            raise HeteroError(f"the FP16 converter wrote {clash[0]!r} twice from different nodes; report the model")
+        for o in node.output:
+            seen[o] = key
+        keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
 
 
 DYNAMIC_OPS = ("MatMul", "Gemm")  # what dynamic INT8 quantises

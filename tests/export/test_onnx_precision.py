@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 from devices import create_runner, open_artifact
@@ -122,3 +123,24 @@ def test_a_format_that_breaks_the_model_is_refused_or_skipped(tmp_path, saved, s
                           options={"batch_sizes": (1, 2)})
     assert "onnx-fp16" not in [a["export_format"] for a in m["artifacts"]]
     assert any(s["format"] == "onnx-fp16" and "breaks this model" in s["reason"] for s in m["skipped"])
+
+
+def test_duplicate_casts_from_older_converters_are_dropped():
+    """onnxruntime 1.30's FP16 converter writes one FP32 cast twice when a tensor feeds two blocked
+    nodes (seen on the GPU host): identical duplicates are dropped, a real clash is an error."""
+    from onnx import TensorProto, helper
+
+    from export.onnx_precision import _drop_duplicate_nodes
+
+    cast = helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT, name="c")
+    g = helper.make_graph([cast, helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT, name="c"),
+                           helper.make_node("Relu", ["x32"], ["y"], name="r")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    m = helper.make_model(g)
+    _drop_duplicate_nodes(m)
+    assert [n.op_type for n in m.graph.node] == ["Cast", "Relu"]
+    onnx.checker.check_model(m)
+    m.graph.node.append(helper.make_node("Relu", ["x32"], ["y"], name="other"))
+    with pytest.raises(HeteroError, match="'y' twice from different nodes"):
+        _drop_duplicate_nodes(m)
