@@ -13,6 +13,10 @@ from typing import Any
 from devices.errors import DeviceError
 
 MANIFEST = "manifest.json"
+
+
+class NoSuchArtifact(DeviceError):
+    """The manifest lists no artifact of the asked format/precision."""
 FORMAT = "hetero-manifest"
 
 
@@ -116,4 +120,4 @@ def open_artifact(export_dir: str | Path, fmt: str = "onnx", precision: str | No
                 raise DeviceError(f"{path} does not match its sha256 in {MANIFEST}; the file is corrupt or was replaced, re-run `hetero export`")
             return Artifact(path, entry, manifest)
     have = ", ".join(f"{e.get('format')}/{e.get('precision')}" for e in manifest["artifacts"]) or "none"
-    raise DeviceError(f"{d} has no {fmt} artifact{' of precision ' + precision if precision else ''} (it has: {have}); export it first")
+    raise NoSuchArtifact(f"{d} has no {fmt} artifact{' of precision ' + precision if precision else ''} (it has: {have}); export it first")

@@ -1,16 +1,29 @@
-"""Runners: ``with create_runner(export_dir, "onnx") as r: emb = r.embed(batch)``; numpy in, numpy out.
+"""Runners: ``with create_runner(export_dir, "onnxruntime") as r: emb = r.embed(batch)``; numpy in,
+numpy out.
 
 The input batch is preprocessed float32 [N, C, H, W] as the manifest's input spec says; the output is
-float32 [N, dim]. numpy only: runtimes are imported lazily by each runner.
+float32 [N, dim]. numpy and the standard library only: each runner imports its runtime lazily, in
+``open()``, so this core can be copied to a device that has only numpy and that runtime.
+
+A runner class declares:
+
+- ``name``: the ``--runtime`` name; ``formats``: the manifest formats it runs (e.g. ``("onnx", "ort")``);
+- ``label``: ``"measured"`` (the real runtime) or ``"emulated"`` (e.g. the Core ML reference
+  interpreter on Linux);
+- ``extra``: the pip extra that installs its runtime;
+- ``unavailable()``: why it cannot run on this host (``None`` when it can);
+- ``settings``: keyword options (threads, provider, ...), given to the constructor and recorded
+  with every result.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from devices.artifact import Artifact, open_artifact
+from devices.artifact import Artifact, NoSuchArtifact, open_artifact
 from devices.errors import DeviceError
 
 RUNNERS: dict[str, Callable[..., "Runner"]] = {}
@@ -20,22 +33,53 @@ def register_runner(name: str):
     def deco(cls):
         if name in RUNNERS:
             raise ValueError(f"runner {name!r} is already registered")
+        cls.name = name
         RUNNERS[name] = cls
         return cls
 
     return deco
 
 
+def module_missing(*modules: str, extra: str) -> str | None:
+    """A reason naming the pip extra when one of ``modules`` cannot be imported here, else None."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{', '.join(missing)} is not installed (pip install 'hetero[{extra}]')"
+    return None
+
+
 class Runner:
     """Base class: validates batches, splits them into ``batch_size`` chunks, checks outputs."""
 
     name = "base"
+    formats: tuple[str, ...] = ()
+    label = "measured"
+    extra = ""
 
-    def __init__(self, artifact: Artifact, batch_size: int = 256):
+    def __init__(self, artifact: Artifact, batch_size: int = 256, **settings: Any):
+        if batch_size < 1:
+            raise DeviceError(f"batch size must be >= 1, got {batch_size}")
         self.artifact = artifact
         self.batch_size = batch_size
+        unknown = sorted(set(settings) - set(self.setting_names()))
+        if unknown:
+            raise DeviceError(f"runtime {self.name} has no setting {', '.join(unknown)}; "
+                              f"it takes: {', '.join(self.setting_names()) or 'none'}")
+        self.settings = settings
+
+    @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        return ()
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this runner cannot run on this host, or None if it can."""
+        return None
 
     def __enter__(self) -> "Runner":
+        why = self.unavailable()
+        if why:
+            raise DeviceError(f"runtime {self.name} cannot run here: {why}")
         self.open()
         return self
 
@@ -49,31 +93,66 @@ class Runner:
         pass
 
     def _run(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
+        """One forward pass of a valid, contiguous float32 batch (no checks: the latency harness times this)."""
         raise NotImplementedError
 
     @property
     def runtime(self) -> str:
+        """The runtime and its version, e.g. ``onnxruntime 1.32.0 CPUExecutionProvider``."""
         return self.name
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
+    def versions(self) -> dict[str, str]:
+        """Library versions of the runtime, for results."""
+        return {}
+
+    def check_batch(self, batch: Any) -> np.ndarray:
+        """The batch as contiguous float32 [N, C, H, W], or a one-line error."""
         batch = np.asarray(batch)
         want = self.artifact.input_shape
         if batch.ndim != 1 + len(want) or tuple(batch.shape[1:]) != want:
-            raise DeviceError(f"input batch has shape {tuple(batch.shape)}, the model takes [N, {', '.join(map(str, want))}]; preprocess images as the manifest says")
+            raise DeviceError(f"input batch has shape {tuple(batch.shape)}, the model takes [N, {', '.join(map(str, want))}]; "
+                              "preprocess images as the manifest says")
+        if not (np.issubdtype(batch.dtype, np.floating) or np.issubdtype(batch.dtype, np.integer)):
+            raise DeviceError(f"input batch has dtype {batch.dtype}; pass float32 preprocessed images")
         if batch.dtype != np.float32:
             batch = batch.astype(np.float32)
         if not np.isfinite(batch).all():
             raise DeviceError("input batch contains NaN or Inf; check the preprocessing")
-        batch = np.ascontiguousarray(batch)
+        return np.ascontiguousarray(batch)
+
+    def embed(self, batch: Any) -> np.ndarray:
+        batch = self.check_batch(batch)
         if len(batch) == 0:
             return np.zeros((0, self.artifact.dim), np.float32)
         out = np.concatenate([self._run(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)])
-        return out.astype(np.float32, copy=False)
+        out = np.asarray(out, dtype=np.float32)
+        if out.shape != (len(batch), self.artifact.dim):
+            raise DeviceError(f"{self.runtime} returned shape {out.shape}, expected ({len(batch)}, {self.artifact.dim}); "
+                              "the artifact does not match its manifest, re-run `hetero export`")
+        return out
 
 
-def create_runner(export_dir: str | Path, runtime: str = "onnxruntime", **kwargs) -> Runner:
-    """A runner for the artifact in ``export_dir`` that ``runtime`` executes."""
+def runner_class(runtime: str):
     if runtime not in RUNNERS:
         raise DeviceError(f"unknown runtime {runtime!r}; choose one of: {', '.join(sorted(RUNNERS))}")
-    cls = RUNNERS[runtime]
-    return cls(open_artifact(export_dir, cls.artifact_format), **kwargs)
+    return RUNNERS[runtime]
+
+
+def create_runner(export_dir: str | Path, runtime: str = "onnxruntime", *, precision: str | None = None,
+                  fmt: str | None = None, **kwargs) -> Runner:
+    """A runner for the artifact in ``export_dir`` that ``runtime`` executes: the first artifact of
+    one of its formats (or ``fmt``), of ``precision`` if given. Its sha256 is checked."""
+    cls = runner_class(runtime)
+    if hasattr(cls, "open_path"):  # runners of something other than an export dir (torch: a checkpoint)
+        return cls(cls.open_path(export_dir), **kwargs)
+    formats = (fmt,) if fmt else cls.formats
+    if fmt and fmt not in cls.formats:
+        raise DeviceError(f"runtime {runtime} runs {', '.join(cls.formats)} artifacts, not {fmt}")
+    first: DeviceError | None = None
+    for f in formats:
+        try:
+            return cls(open_artifact(export_dir, f, precision), **kwargs)
+        except NoSuchArtifact as e:
+            first = first or e
+    assert first is not None
+    raise first  # names the runtime's main format and what the export has

@@ -331,6 +331,109 @@ def describe_artifact(out: str, a: dict) -> str:
     return head + f"{Path(out) / a['file']}: {size}, {fid}"
 
 
+def _bench_one(path: str, args: argparse.Namespace) -> dict:
+    """Latency JSON of ``path``: read back if it is one, else benched here (or on ``--host``)."""
+    import json
+
+    from devices.bench import bench, check_result
+    from devices.profiles import profile, runner_for
+    from devices.runner import create_runner
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".json" and p.name != "manifest.json":
+        try:
+            return check_result(json.loads(p.read_text()), str(p))
+        except ValueError:
+            raise HeteroError(f"{p} is not valid JSON; pass a latency JSON from `hetero bench --json`, an export "
+                              "directory or a checkpoint") from None
+    if p.is_file() and p.name == "manifest.json":
+        p = p.parent
+    if not p.is_dir():
+        raise HeteroError(f"{path} is neither an export directory, a checkpoint directory nor a latency JSON")
+    runtime, fmt, precision = args.runtime, args.format, args.precision
+    settings: dict = {}
+    if args.profile:
+        prof = profile(args.profile)
+        rt, why = runner_for(prof)
+        if rt is None:
+            raise HeteroError(f"device profile {prof.name} cannot run here: {why}")
+        runtime = runtime or rt
+        fmt = fmt or (prof.fmt if prof.fmt != "checkpoint" else None)
+        precision = precision or prof.precision
+        settings.update(prof.settings if rt == prof.runtime else {})
+    if runtime is None:
+        runtime = "torch" if (p / "hetero.json").is_file() else "onnxruntime"
+    if args.threads is not None:
+        settings["threads"] = args.threads
+    batches = _int_list(args.batch, "--batch")
+    if args.host:
+        from devices.remote import remote_bench
+
+        return remote_bench(p, args.host, runtime=runtime, precision=precision, batch_sizes=batches, iters=args.iters,
+                            budget_s=args.budget, warmup=args.warmup, threads=settings.get("threads"), port=args.port,
+                            identity=args.identity)
+    with create_runner(p, runtime, precision=precision, fmt=fmt, **settings) as r:
+        return bench(r, batches, warmup=args.warmup, iters=args.iters, budget_s=args.budget, progress=not args.quiet)
+
+
+def _latency_table(res: dict) -> str:
+    rss = lambda r: f"{r['peak_rss_bytes'] / 2**20:.0f} MiB" if r.get("peak_rss_bytes") else "-"  # noqa: E731
+    lines = [f"{res['artifact']['path']} ({res['artifact'].get('format')} {res['artifact'].get('precision')}) on "
+             f"{res['runtime']} [{res['label']}], settings {res['settings'] or 'default'}, {res['host']['cpu']}, "
+             f"{res['host']['usable_cores']} usable cores",
+             "| batch | iters | p50 ms | p90 ms | p99 ms | mean ms | std ms | img/s | peak RSS | threads |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        lines.append(f"| {r['batch']} | {r['iterations']} | {r['p50_ms']:.4f} | {r['p90_ms']:.4f} | {r['p99_ms']:.4f} | "
+                     f"{r['mean_ms']:.4f} | {r['std_ms']:.4f} | {r['throughput_img_s']:,.0f} | {rss(r)} | {r['threads']} |")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from devices.bench import compare_table
+
+    from hetero._atomic import write_json_atomic
+
+    if args.iters is not None and args.budget is not None:
+        raise HeteroError("give --iters N or --budget SECONDS, not both")
+    if args.compare:
+        if len(args.paths) != 2:
+            raise HeteroError(f"--compare takes two things to compare (A B), got {len(args.paths)}")
+        a, b = (_bench_one(x, args) for x in args.paths)
+        print(compare_table(a, b, "A", "B"))
+        if args.json:
+            write_json_atomic(args.json, {"schema": "hetero-latency-compare/1", "a": a, "b": b})
+        return 0
+    if len(args.paths) != 1:
+        raise HeteroError(f"bench takes one export directory or checkpoint (or two with --compare), got {len(args.paths)}")
+    res = _bench_one(args.paths[0], args)
+    print(_latency_table(res))
+    if args.json:
+        write_json_atomic(args.json, res)
+        print(f"latency JSON: {args.json}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    import json
+
+    from devices.profiles import describe
+    from devices.runner import RUNNERS
+
+    rows = describe()
+    if args.json:
+        print(json.dumps({"profiles": rows, "runtimes": {n: RUNNERS[n].unavailable() for n in sorted(RUNNERS)}}, indent=2))
+        return 0
+    print("| profile | artifact | runtime | runs here | stands for | why not |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['profile']} | {r['format']} {r['precision'] or ''} | {r['runtime']} {r['settings'] or ''} | "
+              f"{r['runs_here']} | {r['stands_for']} | {r['why_not'] or ''} |")
+    print("\nruntimes: " + "; ".join(f"{n} {'available' if RUNNERS[n].unavailable() is None else '(' + RUNNERS[n].unavailable() + ')'}"
+                                    for n in sorted(RUNNERS)))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from hetero.evaluate import evaluate
 
@@ -459,6 +562,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="find (or download) the dataset and describe it")
     p.add_argument("--data")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("bench", help="latency of an export (or a checkpoint) on a runtime: p50/p90/p99, throughput, RSS")
+    p.add_argument("paths", nargs="+", metavar="ARTIFACT_OR_MANIFEST",
+                   help="export directory (or its manifest.json), checkpoint directory, or, with --compare, latency JSONs")
+    p.add_argument("--runtime", help="runner: onnxruntime, torch, coreml-interp, coreml, tensorrt (default: onnxruntime "
+                                     "for an export, torch for a checkpoint)")
+    p.add_argument("--profile", help="a device profile (hetero devices lists them): sets format, precision, runtime, settings")
+    p.add_argument("--precision", help="which artifact of the export: fp32, fp16, int8, ...")
+    p.add_argument("--format", help="which artifact format: onnx, ort, coreml, ...")
+    p.add_argument("--batch", default="1,8,32", help="batch sizes (default 1,8,32)")
+    p.add_argument("--iters", type=int, help="timed iterations per batch size (default 100)")
+    p.add_argument("--budget", type=float, help="seconds per batch size instead of a fixed count")
+    p.add_argument("--warmup", type=int, default=10, help="untimed iterations first (default 10)")
+    p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's own choice)")
+    p.add_argument("--compare", action="store_true", help="two inputs: side-by-side p50 and the ratio B/A")
+    p.add_argument("--host", help="user@host: run on that machine over SSH (needs python3, numpy and the runtime there)")
+    p.add_argument("--port", type=int, help="SSH port for --host")
+    p.add_argument("--identity", help="SSH private key for --host")
+    p.add_argument("--json", help="write the latency result (schema hetero-latency/1) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("devices", help="device profiles and runtimes, and which can run on this host (and why not)")
+    p.add_argument("--json", action="store_true", help="machine-readable")
+    p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("cache", help="list (or --clear) the cached cloud targets that train-edge writes")
     p.add_argument("--clear", action="store_true", help="delete them (they are recomputed when next needed)")
