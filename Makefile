@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # never reaches for a different multi-GB build.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data demo deploy test bench clean
+.PHONY: install data ssh demo deploy test bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,21 @@ data: $(STAMP)
 	fi
 	$(VENV)/bin/hetero data
 
+# OpenSSH client and server for tests/devices/test_remote.py, which starts its own throwaway sshd on
+# 127.0.0.1 (the tests skip without them); best effort, only as root. The system sshd that the
+# package enables is stopped and disabled again when this target installed it.
+ssh:
+	@if { [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null || ! command -v scp >/dev/null; } && \
+		[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		had_sshd=$$([ -x /usr/sbin/sshd ] && echo 1); \
+		{ apt-get install -y -q openssh-server openssh-client >/dev/null 2>&1 || \
+		  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q openssh-server openssh-client >/dev/null 2>&1) || \
+		  echo "apt-get could not install openssh-server/openssh-client; the remote tests will be skipped"; } && \
+		if [ -z "$$had_sshd" ] && [ -d /run/systemd/system ]; then \
+			systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true; \
+		fi; \
+	fi
+
 demo: data
 	$(VENV)/bin/hetero demo
 
@@ -39,7 +54,7 @@ deploy: data
 	$(VENV)/bin/hetero export --edge runs/demo/edge --cloud runs/demo/cloud --check-real --check-samples 10000 \
 		--out runs/demo/deploy --overwrite
 
-test: data
+test: data ssh
 	$(VENV)/bin/pytest -q
 
 bench: data

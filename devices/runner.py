@@ -44,7 +44,7 @@ def module_missing(*modules: str, extra: str) -> str | None:
     """A reason naming the pip extra when one of ``modules`` cannot be imported here, else None."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        return f"{', '.join(missing)} is not installed (pip install 'hetero[{extra}]')"
+        return f"{', '.join(missing)} is not installed (pip install {' '.join(missing)}; with hetero: pip install 'hetero[{extra}]')"
     return None
 
 

@@ -369,9 +369,10 @@ def _bench_one(path: str, args: argparse.Namespace) -> dict:
     if args.host:
         from devices.remote import remote_bench
 
-        return remote_bench(p, args.host, runtime=runtime, precision=precision, batch_sizes=batches, iters=args.iters,
-                            budget_s=args.budget, warmup=args.warmup, threads=settings.get("threads"), port=args.port,
-                            identity=args.identity)
+        return remote_bench(p, args.host, runtime=runtime, precision=precision, fmt=fmt, batch_sizes=batches,
+                            iters=args.iters, budget_s=args.budget, warmup=args.warmup, threads=settings.get("threads"),
+                            port=args.port, identity=args.identity, python=args.python,
+                            ssh_options=tuple(args.ssh_option or ()))
     with create_runner(p, runtime, precision=precision, fmt=fmt, **settings) as r:
         return bench(r, batches, warmup=args.warmup, iters=args.iters, budget_s=args.budget, progress=not args.quiet)
 
@@ -431,6 +432,19 @@ def cmd_devices(args: argparse.Namespace) -> int:
               f"{r['runs_here']} | {r['stands_for']} | {r['why_not'] or ''} |")
     print("\nruntimes: " + "; ".join(f"{n} {'available' if RUNNERS[n].unavailable() is None else '(' + RUNNERS[n].unavailable() + ')'}"
                                     for n in sorted(RUNNERS)))
+    return 0
+
+
+def cmd_pack_runner(args: argparse.Namespace) -> int:
+    from devices.standalone import pack_runner
+    from hetero._atomic import check_writable_dest
+
+    out = Path(args.out)
+    check_writable_dest(out, args.overwrite)
+    path = pack_runner(out)
+    print(f"standalone runner: {path} ({path.stat().st_size:,} bytes); on the device, with python3, numpy and the "
+          f"runtime: python3 {path.name} run EXPORT_DIR --input IMAGES_OR_NPY --out emb.npy | "
+          f"python3 {path.name} bench EXPORT_DIR --json latency.json")
     return 0
 
 
@@ -580,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="user@host: run on that machine over SSH (needs python3, numpy and the runtime there)")
     p.add_argument("--port", type=int, help="SSH port for --host")
     p.add_argument("--identity", help="SSH private key for --host")
+    p.add_argument("--python", default="python3", help="the Python on --host that has numpy and the runtime (default python3)")
+    p.add_argument("--ssh-option", action="append", help="extra ssh/scp argument for --host, e.g. --ssh-option=-oStrictHostKeyChecking=accept-new")
     p.add_argument("--json", help="write the latency result (schema hetero-latency/1) here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
@@ -587,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devices", help="device profiles and runtimes, and which can run on this host (and why not)")
     p.add_argument("--json", action="store_true", help="machine-readable")
     p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("pack-runner", help="pack the torch-free standalone runner into one zip to copy to a device")
+    p.add_argument("out", help="zip file to write, e.g. runner.zip")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_pack_runner)
 
     p = sub.add_parser("cache", help="list (or --clear) the cached cloud targets that train-edge writes")
     p.add_argument("--clear", action="store_true", help="delete them (they are recomputed when next needed)")
