@@ -241,7 +241,7 @@ def bench_export(export_dir: str | Path, *, runtime: str | None = None, precisio
                 raise DeviceError(f"profile {prof.name} cannot run here: {why}")
         fmt = fmt or prof.fmt
         precision = precision or prof.precision
-        settings = {**prof.settings, **settings}
+        settings = {**(prof.settings if runtime == prof.runtime else {}), **settings}
     with create_runner(export_dir, runtime or "onnxruntime", precision=precision, fmt=fmt, **settings) as r:
         result = bench(r, batch_sizes, warmup=warmup, iters=iters, budget_s=budget_s, progress=progress)
     if prof is not None:

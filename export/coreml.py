@@ -18,7 +18,11 @@ flexible range keeps the model off the Neural Engine, enumerated shapes do not. 
 inside the model. Tracing is ``torch.jit.trace``: ``torch.export`` programs are specialised to the
 example's batch and coremltools 9 rejects enumerated batch sizes for them.
 
-``MLModel.predict`` needs macOS, so fidelity here is ``pending``, never measured or passed.
+``MLModel.predict`` needs macOS, so fidelity is measured with hetero's Core ML reference interpreter
+(:mod:`devices.coreml_interp`, numpy: the saved package's program run op by op, FP16 programs in
+emulated FP16) and labelled ``emulated``, never ``measured``. An image-input package is fed the check
+inputs mapped back to pixel values (``(x - bias) / scale``, unrounded). A package whose program
+has an op the interpreter lacks keeps ``pending`` fidelity, with the reason.
 """
 from __future__ import annotations
 
@@ -35,14 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.base import ExportJob, FormatCannotExpress, artifact_entry, io_spec, pending_fidelity, register_exporter
+from export.base import (ExportJob, FormatBreaksModel, FormatCannotExpress, artifact_entry, check_not_broken, io_spec,
+                         measured_fidelity, pending_fidelity, register_exporter)
 from export.onnx import INPUT_NAME, OUTPUT_NAME
 from hetero.errors import HeteroError, require
 
 DEPLOYMENT_TARGET = "iOS16"
 MIN_SPEC_VERSION = 7  # the Core ML specification version of iOS 16 / macOS 13
 WEIGHT_FILE = Path("Data") / "com.apple.CoreML" / "weights" / "weight.bin"
-PENDING = "Core ML runs only on macOS; the Linux reference interpreter comes with the devices issue"
+PENDING = "Core ML runs only on macOS and hetero's Core ML interpreter cannot run this package"
 OUTPUT_DESC = "L2-normalised embedding"
 DEFAULT_LICENSE = "Apache-2.0"
 FP32_TAIL_FROM = "reduce_l2_norm"  # in coreml-fp16 this op and everything after it stay FP32
@@ -380,13 +385,42 @@ def _weight_bytes(path: Path) -> int | None:
     return f.stat().st_size if f.is_file() else None
 
 
+def emulated_fidelity(job: ExportJob, path: Path, kind: str, image: dict[str, Any] | None) -> dict[str, Any]:
+    """Fidelity of the saved package vs torch on ``job.check_inputs``, run by hetero's Core ML
+    interpreter (label ``emulated``); ``pending`` with the reason if the interpreter cannot run it.
+    An artifact that breaks the model (NaN/Inf outputs, mean cosine < 0.9) raises FormatBreaksModel."""
+    from devices.coreml_interp import Interpreter, pixels_from_preprocessed
+    from devices.errors import DeviceError
+
+    fmt = job.current_format or "coreml"
+    x = job.check_inputs
+    try:
+        interp = Interpreter.from_package(path)
+        if kind == "image":
+            x = pixels_from_preprocessed(x, image["scale"], image["bias"])
+        got = interp.run_batched(x)
+        runtime = f"hetero Core ML interpreter (numpy, emulated) on coremltools {_ct().__version__}"
+    except DeviceError as e:
+        return pending_fidelity(f"{PENDING}: {e}")
+    bad = int((~np.isfinite(got)).any(axis=1).sum())
+    if bad:
+        raise FormatBreaksModel(f"{fmt} breaks this model: {bad} of {len(got)} check inputs give NaN or Inf embeddings "
+                                "in the Core ML interpreter (emulated; in FP16 an activation above 65504 overflows); "
+                                "do not ship it, use another format")
+    fid = measured_fidelity(job, got, runtime=runtime, label="emulated")
+    if kind == "image":
+        fid["input_note"] = "check inputs mapped back to pixel values (x - bias) / scale, not rounded to 8 bits"
+    check_not_broken(fmt, fid)
+    return fid
+
+
 def _entry(job: ExportJob, path: Path, *, fmt: str, precision: str, made_from: str, compute_precision: str,
            sizes: list[int], kind: str, image: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
     ct = _ct()
     spec = _verify(path, job, fmt, sizes, kind)
     e = artifact_entry(job, path, fmt="coreml", precision=precision, made_from=made_from, runtime="coreml",
                        libraries={"coremltools": ct.__version__, "torch": torch.__version__},
-                       fidelity=pending_fidelity(PENDING), weight_bytes=_weight_bytes(path),
+                       fidelity=emulated_fidelity(job, path, kind, image), weight_bytes=_weight_bytes(path),
                        deployment_target=DEPLOYMENT_TARGET, batch_sizes=sizes,
                        spec_version=int(spec.specificationVersion), ops=program_ops(spec),
                        compute_precision=compute_precision, input_kind=kind, **extra)

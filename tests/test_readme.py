@@ -15,6 +15,7 @@ SHRINK = {
     "train-edge": ["--data", "synthetic", "--limit", "400", "--epochs", "1"],
     "evaluate": ["--data", "synthetic", "--quiet"],
     "export": ["--check-samples", "200"],
+    "bench": ["--iters", "5", "--quiet"],
     "fit-classifier": ["--data", "synthetic", "--epochs", "1", "--quiet"],
     "demo": ["--train-limit", "500", "--gallery-limit", "1000", "--query-limit", "200", "--edge-epochs", "1", "--quiet"],
 }
@@ -66,7 +67,7 @@ def test_readme_shows_the_two_commands_first():
 def test_readme_cli_and_snippets_run(tmp_path):
     cmds = cli_commands()
     assert {c[1] for c in cmds} >= {"train-cloud", "train-edge", "export", "evaluate", "demo", "data", "models", "cache",
-                                    "import-cloud", "fit-classifier"}
+                                    "import-cloud", "fit-classifier", "bench", "devices", "pack-runner"}
     write_byo_weights(tmp_path)
     argv = []
     for cmd in cmds:
