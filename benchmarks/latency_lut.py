@@ -106,7 +106,8 @@ def main() -> int:
     meets = med <= TARGET
 
     print(f"latency table: {len(table['entries'])} block entries ({len(table['entries']) - known} measured now, "
-          f"measured with the {len(models)} whole models in {t_measure:.0f} s), profile {table['profile']}, {table['runtime']}, settings {table['settings']}")
+          f"measured with the {len(models)} whole models in {t_measure:.0f} s), profile {table['profile']}, "
+          f"{table['runtime']}, settings {table['settings']}")
     print(f"overhead (median over {len(calibration)} calibration models): {table['overhead_ms'] * 1000:.1f} us")
     print(f"{'architecture':26s} {'blocks':>6s} {'measured ms':>12s} {'predicted ms':>13s} {'error':>8s}")
     for r in rows:

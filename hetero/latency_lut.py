@@ -181,8 +181,9 @@ def _describe_dws(m: nn.Module) -> tuple[str, dict[str, Any]]:
 
 
 def _describe_basic(m: nn.Module) -> tuple[str, dict[str, Any]]:
-    return "basic_block", {"cin": m.conv1.in_channels, "cout": m.conv1.out_channels, "kernel": list(m.conv1.kernel_size),
-                           "stride": list(m.conv1.stride), "shortcut": "identity" if isinstance(m.shortcut, nn.Identity) else "conv"}
+    shortcut = "identity" if isinstance(m.shortcut, nn.Identity) else "conv"
+    return "basic_block", {"cin": m.conv1.in_channels, "cout": m.conv1.out_channels,
+                           "kernel": list(m.conv1.kernel_size), "stride": list(m.conv1.stride), "shortcut": shortcut}
 
 
 def _describe_head(m: Head) -> tuple[str, dict[str, Any]]:
@@ -347,20 +348,26 @@ def predict_breakdown(blocks: Sequence[Block], table: dict[str, Any]) -> list[tu
         k = b.key(table["profile"], table["batch"])
         entry = table["entries"].get(k)
         if entry is None:
-            raise MissingBlockError(f"the latency table has no entry for block {i} ({b.type} {json.dumps(b.config, sort_keys=True)} "
+            cfg = json.dumps(b.config, sort_keys=True)
+            raise MissingBlockError(f"the latency table has no entry for block {i} ({b.type} {cfg} "
                                     f"on input {list(b.input_shape)}, batch {table['batch']}, profile {table['profile']}); "
                                     f"key {k}; measure it with measure_lut or pass measure_missing=True")
+        if stat not in entry:
+            raise HeteroError(f"the latency table's entry for block {i} ({b.type}) has no {stat}; measure it again")
         out.append((k, float(entry[stat])))
     return out
 
 
-def predict_latency(arch_or_model: nn.Module | dict[str, Any] | Sequence[Block], table: dict[str, Any], *,
+def predict_latency(arch_or_model: nn.Module | dict[str, Any] | Sequence[Block], table: dict[str, Any] | str | Path, *,
                     input_shape: Sequence[int] = DEFAULT_INPUT, dim: int = DEFAULT_DIM, measure_missing: bool = False,
                     path: str | Path | None = None, **measure_kw: Any) -> float:
     """Predicted latency in ms of one forward pass on the table's profile and batch: the sum of the
     blocks' entries plus the table's per-model overhead. A block missing from the table raises
     ``MissingBlockError`` naming it, or, with ``measure_missing``, is measured into the table (and
-    saved to ``path`` when given) first."""
+    saved to ``path`` when given) first. ``table``: a table dict or its file."""
+    if isinstance(table, (str, Path)):
+        path = path or table
+        table = load_table(table)
     check_table(table)
     blocks = list(arch_or_model) if isinstance(arch_or_model, (list, tuple)) else decompose(arch_or_model, input_shape, dim)
     if measure_missing and missing_blocks(blocks, table):
