@@ -14,14 +14,9 @@ from hetero.metrics import retrieval_metrics
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from devices.bench import cpu_model  # one definition, in the torch-free runner core (report is command layer)
+
+    return cpu_model()
 
 
 def host_info() -> dict[str, Any]:
