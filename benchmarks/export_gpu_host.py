@@ -40,7 +40,7 @@ def main() -> int:
     model = edge.model.eval()
     with torch.no_grad():
         ref = torch.cat([model(torch.from_numpy(x[i:i + 1000])) for i in range(0, len(x), 1000)]).numpy()
-    result: dict = {"host": host_info(), "python": platform.python_version(), "onnxruntime": ort.__version__,
+    result: dict = {"label": "measured", "host": host_info(), "python": platform.python_version(), "onnxruntime": ort.__version__,
                     "providers": ort.get_available_providers(), "cuda": torch.cuda.is_available(), "rows": []}
     if torch.cuda.is_available():
         result["gpu"] = torch.cuda.get_device_name(0)

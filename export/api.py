@@ -92,6 +92,7 @@ def export_checkpoint(ckpt, out: str | Path, *, formats: tuple[str, ...] | list[
     each exporter). Returns the manifest. Nothing is left behind if any format fails.
     """
     name = name or ckpt.role
+    check_export_dest(Path(out), overwrite)  # before any work
     skipped: list[dict[str, str]] = []
     default_set = formats is None
     if formats is None:
@@ -117,7 +118,6 @@ def export_checkpoint(ckpt, out: str | Path, *, formats: tuple[str, ...] | list[
     with torch.no_grad():
         ref = torch.cat([ckpt.model.eval()(torch.from_numpy(check_inputs[i:i + 1024]))
                          for i in range(0, len(check_inputs), 1024)]).numpy()
-    check_export_dest(Path(out), overwrite)
     manifest = new_manifest(ckpt, name)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         job = ExportJob(ckpt, tmp, name, check_inputs, check_desc or "given inputs", ref, calib_inputs=calib_inputs,

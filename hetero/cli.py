@@ -335,9 +335,7 @@ def _bench_one(path: str, args: argparse.Namespace) -> dict:
     """Latency JSON of ``path``: read back if it is one, else benched here (or on ``--host``)."""
     import json
 
-    from devices.bench import bench, check_result
-    from devices.profiles import profile, runner_for
-    from devices.runner import create_runner
+    from devices.bench import check_result
 
     p = Path(path)
     if p.is_file() and p.suffix == ".json" and p.name != "manifest.json":
@@ -350,31 +348,20 @@ def _bench_one(path: str, args: argparse.Namespace) -> dict:
         p = p.parent
     if not p.is_dir():
         raise HeteroError(f"{path} is neither an export directory, a checkpoint directory nor a latency JSON")
-    runtime, fmt, precision = args.runtime, args.format, args.precision
-    settings: dict = {}
-    if args.profile:
-        prof = profile(args.profile)
-        rt, why = runner_for(prof)
-        if rt is None:
-            raise HeteroError(f"device profile {prof.name} cannot run here: {why}")
-        runtime = runtime or rt
-        fmt = fmt or (prof.fmt if prof.fmt != "checkpoint" else None)
-        precision = precision or prof.precision
-        settings.update(prof.settings if rt == prof.runtime else {})
-    if runtime is None:
-        runtime = "torch" if (p / "hetero.json").is_file() else "onnxruntime"
-    if args.threads is not None:
-        settings["threads"] = args.threads
-    batches = _int_list(args.batch, "--batch")
-    if args.host:
+    runtime = args.runtime
+    if runtime is None and not args.profile and (p / "hetero.json").is_file():
+        runtime = "torch"  # a checkpoint: the reference runner
+    common = dict(runtime=runtime, precision=args.precision, fmt=args.format, profile=args.profile,
+                  batch_sizes=_int_list(args.batch, "--batch"), iters=args.iters, budget_s=args.budget, warmup=args.warmup)
+    if args.host:  # the profile is resolved there, against the remote host's runtimes
         from devices.remote import remote_bench
 
-        return remote_bench(p, args.host, runtime=runtime, precision=precision, fmt=fmt, batch_sizes=batches,
-                            iters=args.iters, budget_s=args.budget, warmup=args.warmup, threads=settings.get("threads"),
-                            port=args.port, identity=args.identity, python=args.python,
-                            ssh_options=tuple(args.ssh_option or ()))
-    with create_runner(p, runtime, precision=precision, fmt=fmt, **settings) as r:
-        return bench(r, batches, warmup=args.warmup, iters=args.iters, budget_s=args.budget, progress=not args.quiet)
+        return remote_bench(p, args.host, **common, threads=args.threads, port=args.port, identity=args.identity,
+                            python=args.python, ssh_options=tuple(args.ssh_option or ()))
+    from devices.standalone import bench_export
+
+    settings = {"threads": args.threads} if args.threads is not None else {}
+    return bench_export(p, **common, progress=not args.quiet, **settings)
 
 
 def _latency_table(res: dict) -> str:

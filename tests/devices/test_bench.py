@@ -26,7 +26,7 @@ def test_time_calls_counts_and_budget():
     t0 = time.perf_counter()
     times = time_calls(lambda: time.sleep(0.01), warmup=0, iters=None, budget_s=0.1)
     took = time.perf_counter() - t0
-    assert len(times) >= 5 and 0.09 <= took < 0.5
+    assert len(times) >= 5 and 0.09 <= took < 2.0  # stops soon after the budget, even on a loaded CI machine
     assert min(times) >= 9_000_000  # each call slept 10 ms
 
 
