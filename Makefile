@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[onnx,coreml,dev]'
+	$(PY) -m pip install -q -e '.[onnx,coreml,report,dev]'
 	touch $(STAMP)
 
 # Fashion-MNIST: the Debian package if it is missing and nothing else provides the data, then a

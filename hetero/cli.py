@@ -443,6 +443,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from hetero.verify.run import verify
+
+    report = verify(args.manifest, args.cloud, edge=args.edge, data=args.data, gates=args.gates, out=args.out,
+                    index=args.index, runners=args.runtime, query_limit=args.query_limit,
+                    gallery_limit=args.gallery_limit, latency=not args.no_latency, html=not args.no_html,
+                    progress=not args.quiet)
+    return int(report["verdict"]["exit_code"])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hetero.demo import DemoConfig, run_demo
 
@@ -453,8 +463,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     kw = {k: getattr(args, k) for k in ("out", "data", "cloud_model", "cloud_epochs", "cloud_margin", "edge_model", "edge_epochs",
                                           "control_epochs", "train_limit", "gallery_limit", "query_limit", "seed")
           if getattr(args, k) is not None}
-    run_demo(DemoConfig(progress=not args.quiet, train_cloud=args.train_cloud, **kw))
-    return 0
+    report = run_demo(DemoConfig(progress=not args.quiet, train_cloud=args.train_cloud, **kw))
+    return int(report["verify"]["verdict"]["exit_code"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -534,6 +544,29 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "cloud model trained compatible with it")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("verify", help="every exported artifact on every runner here x the cloud gallery; gates -> exit code",
+                       description="Embed the queries with every artifact of an export on every runner that can run "
+                                   "it here, search the cloud-embedded gallery, score each pair (mAP@R, R@k, "
+                                   "compatibility criterion, top-10 overlap, flips, drift vs torch, latency) and apply "
+                                   "the gates. Exit 0: all gates pass; 1: a gate or a runner failed; 2: bad input. "
+                                   "Gates file: TOML with [all] and [precision.NAME] tables (see hetero/verify/gates.py).")
+    p.add_argument("--manifest", required=True, help="export directory (or its manifest.json) written by `hetero export`")
+    p.add_argument("--cloud", required=True, help="the cloud checkpoint whose space the export lives in")
+    p.add_argument("--edge", help="the torch edge checkpoint that was exported (default: the path the manifest records)")
+    p.add_argument("--data", help="dataset folder (default Fashion-MNIST): test = queries, train = gallery")
+    p.add_argument("--gates", help="TOML file of thresholds (default: the project's targets)")
+    p.add_argument("--out", help="report directory (default: verify/ next to the export directory)")
+    p.add_argument("--index", default="exact", choices=("exact", "ivf", "hnsw"),
+                   help="top-k search of the gallery: exact (default), or approximate faiss IVF/HNSW, reported with "
+                        "its recall against exact search (mAP@R stays exact)")
+    p.add_argument("--runtime", action="append", help="only these runners (repeatable), e.g. onnxruntime")
+    p.add_argument("--query-limit", type=int)
+    p.add_argument("--gallery-limit", type=int)
+    p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency p50 of each pair")
+    p.add_argument("--no-html", action="store_true", help="write report.json and report.md only (no matplotlib needed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("import-cloud", help="bring your own cloud model (torchvision or module:factory + weights)")
     p.add_argument("--out", required=True, help="cloud checkpoint directory to write")

@@ -21,8 +21,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
     """
     from hetero.checkpoint import check_same_space
     from hetero.embed import cloud_targets, embed_images
-    from hetero.flips import flip_rates, top1_correct
-    from hetero.report import retrieval_row
+    from hetero.verify.score import Scorer
 
     artifacts = artifacts or {}
     for name, ckpt in edges.items():
@@ -30,17 +29,10 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
             check_same_space(ckpt, cloud)
     prep = cloud.preprocess
     queries, gallery = queries.conform(prep), gallery.conform(prep)
-    ql, gl = queries.labels, gallery.labels
     g_cloud = np.asarray(cloud_targets(cloud, gallery, progress=progress))
     q_cloud = embed_images(cloud.model, queries, prep, progress=progress, desc="cloud queries")
-    rows = [retrieval_row(reference, reference, "torch", q_cloud, ql, g_cloud, gl)]
-    paragon_ok = top1_correct(q_cloud, ql, g_cloud, gl)
-
-    def row(query_model: str, gallery_model: str, runtime: str, q: np.ndarray, g: np.ndarray) -> None:
-        """A retrieval row plus its flips against the paragon's per-query top-1."""
-        r = retrieval_row(query_model, gallery_model, runtime, q, ql, g, gl)
-        r.update(flip_rates(paragon_ok, top1_correct(q, ql, g, gl)))
-        rows.append(r)
+    scorer = Scorer(g_cloud, gallery.labels, queries.labels, q_cloud)  # the one scoring path (verify's)
+    rows = [_row(reference, reference, "torch", scorer.paragon_metrics)]
 
     exports = []
     q_inputs = None
@@ -48,8 +40,8 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
         q = embed_images(ckpt.model, queries, prep, progress=progress, desc=f"{name} queries")
         if ckpt.role != "control":  # a control's own gallery is not part of the protocol
             g = embed_images(ckpt.model, gallery, prep, progress=progress, desc=f"{name} gallery")
-            row(name, name, "torch", q, g)
-        row(name, reference, "torch", q, g_cloud)
+            rows.append(_row(name, name, "torch", scorer.score_own_gallery(q, g)))
+        rows.append(_row(name, reference, "torch", scorer.score(q)))
         if name in artifacts:
             from devices import create_runner, open_artifact
             from export import fidelity
@@ -63,13 +55,23 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
             with create_runner(artifacts[name], "onnxruntime") as runner:
                 q_art = runner.embed(q_inputs)
                 runtime = runner.runtime
-            row(name, reference, runtime, q_art, g_cloud)
+            rows.append(_row(name, reference, runtime, scorer.score(q_art)))
             fid = fidelity(q, q_art)
             exports.append({"edge": name, "format": art.format, "precision": art.entry.get("precision"),
                             "path": str(art.path), "sha256": art.entry["sha256"], "min_cosine": fid["min_cosine"],
                             "max_abs_diff": fid["max_abs_diff"], "num_inputs": len(q_inputs), "runtime": runtime,
                             "label": "measured"})
     return {"retrieval": rows, "exports": exports}
+
+
+def _row(query_model: str, gallery_model: str, runtime: str, m: dict[str, Any]) -> dict[str, Any]:
+    """A retrieval row of the evaluate/demo report, from the scorer's metrics."""
+    row = {"query_model": query_model, "gallery_model": gallery_model, "runtime": runtime,
+           **{k: m[k] for k in ("map_at_r", "recall_at_1", "recall_at_10", "num_queries", "num_gallery")}}
+    if "flips_vs_paragon" in m:
+        row["negative_flip_rate"] = m["flips_vs_paragon"]["negative"]
+        row["positive_flip_rate"] = m["flips_vs_paragon"]["positive"]
+    return row
 
 
 def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, data: str | None = None,

@@ -7,10 +7,8 @@ import os
 import platform
 from typing import Any
 
-import numpy as np
 
 from hetero.cost import count_flops, count_params
-from hetero.metrics import retrieval_metrics
 
 
 def _cpu_model() -> str:
@@ -37,14 +35,6 @@ def model_row(name: str, ckpt) -> dict[str, Any]:
     }
 
 
-def retrieval_row(query_model: str, gallery_model: str, runtime: str, q: np.ndarray, q_labels: np.ndarray,
-                  g: np.ndarray, g_labels: np.ndarray, *, exclude_self: bool = False) -> dict[str, Any]:
-    m = retrieval_metrics(q, q_labels, g, g_labels, exclude_self=exclude_self)
-    return {"query_model": query_model, "gallery_model": gallery_model, "runtime": runtime,
-            "map_at_r": m["map_at_r"], "recall_at_1": m["recall_at_1"], "recall_at_10": m["recall_at_10"],
-            "num_queries": m["num_queries"], "num_gallery": m["num_gallery"]}
-
-
 def _find(rows: list[dict[str, Any]], q: str, g: str, runtime: str = "torch") -> dict[str, Any] | None:
     return next((r for r in rows if r["query_model"] == q and r["gallery_model"] == g and r["runtime"].startswith(runtime)), None)
 
@@ -68,12 +58,16 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def provenance_line(report: dict[str, Any]) -> str:
+    """Where and when a report was measured, and on what data."""
     host = report.get("host", {})
-    lines = [f"# {report.get('title', 'hetero report')}", ""]
-    lines.append(f"Measured on {host.get('processor', '?')} ({host.get('cpu_count', '?')} CPUs), "
-                 f"{host.get('system', '?')}, torch {host.get('torch', '?')}, {host.get('date', '?')}. "
-                 f"Queries: {report.get('queries', '?')}; gallery: {report.get('gallery', '?')}.")
+    return (f"Measured on {host.get('processor', '?')} ({host.get('cpu_count', '?')} CPUs), "
+            f"{host.get('system', '?')}, torch {host.get('torch', '?')}, {host.get('date', '?')}. "
+            f"Queries: {report.get('queries', '?')}; gallery: {report.get('gallery', '?')}.")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# {report.get('title', 'hetero report')}", "", provenance_line(report)]
     ref = report["retrieval"][0]["query_model"] if report["retrieval"] else "cloud"  # "old" for an update
     lines += ["", "## Retrieval", "", f"Flip rates compare each query's top-1 with the paragon's ({ref}->{ref}): negative = "
               "right for the paragon, wrong here.", "",

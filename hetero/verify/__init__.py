@@ -1,0 +1,1 @@
+"""hetero verify: cross-device retrieval check of exported edge artifacts against the cloud space."""
