@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # never reaches for a different multi-GB build.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data ssh demo deploy test bench clean
+.PHONY: install data ssh browser demo deploy test bench clean
 
 install: $(STAMP)
 
@@ -44,6 +44,15 @@ ssh:
 		fi; \
 	fi
 
+# Debian's chromium for tests/hetero/test_verify_html.py, which renders verify's HTML report headless
+# and screenshots it (the test skips without it); best effort, only as root.
+browser:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+		echo "apt-get could not install chromium; the browser test will be skipped"; \
+	fi
+
 demo: data
 	$(VENV)/bin/hetero demo
 
@@ -54,7 +63,7 @@ deploy: data
 	$(VENV)/bin/hetero export --edge runs/demo/edge --cloud runs/demo/cloud --check-real --check-samples 10000 \
 		--out runs/demo/deploy --overwrite
 
-test: data ssh
+test: data ssh browser
 	$(VENV)/bin/pytest -q
 
 bench: data

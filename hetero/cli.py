@@ -137,12 +137,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     where = cache_dir() / "targets"
     if args.clear:
         gone = clear_cache(args.space)
-        print(f"deleted {len(gone)} cached target file(s), {sum(r['bytes'] for r in gone) / 1e6:.1f} MB, from {where}")
+        print(f"deleted {len(gone)} cached embedding file(s), {sum(r['bytes'] for r in gone) / 1e6:.1f} MB, from {where}")
         return 0
     rows = cache_entries(args.space)
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["mtime"]))
-        print(f"space {r['space']}  data {r['data']}  {r['images']:>7} images  {r['bytes'] / 1e6:7.1f} MB  {when}")
+        print(f"model {r['space']}  data {r['data']}  {r['images']:>7} images  {r['bytes'] / 1e6:7.1f} MB  {when}")
     print(f"{len(rows)} file(s), {sum(r['bytes'] for r in rows) / 1e6:.1f} MB in {where} ($HETERO_CACHE moves it); "
           "`hetero cache --clear` deletes them")
     return 0
@@ -461,7 +461,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise HeteroError(f"{', '.join(cloud_opts)} set(s) how the cloud is trained, but the demo loads the shipped "
                           "pretrained cloud; add --train-cloud")
     kw = {k: getattr(args, k) for k in ("out", "data", "cloud_model", "cloud_epochs", "cloud_margin", "edge_model", "edge_epochs",
-                                          "control_epochs", "train_limit", "gallery_limit", "query_limit", "seed")
+                                          "control_epochs", "train_limit", "gallery_limit", "query_limit", "seed", "gates")
           if getattr(args, k) is not None}
     report = run_demo(DemoConfig(progress=not args.quiet, train_cloud=args.train_cloud, **kw))
     return int(report["verify"]["verdict"]["exit_code"])
@@ -486,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery-limit", type=int, help="use the first N train images as the gallery")
     p.add_argument("--query-limit", type=int, help="use the first N test images as queries")
     p.add_argument("--seed", type=int)
+    p.add_argument("--gates", help="gates TOML for the closing `hetero verify` (default: the project's targets); "
+                                   "the demo's exit code is verify's")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -629,9 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pack_runner)
 
-    p = sub.add_parser("cache", help="list (or --clear) the cached cloud targets that train-edge writes")
+    p = sub.add_parser("cache", help="list (or --clear) the cached embeddings: cloud targets (train-edge) and "
+                                        "verify's torch embeddings")
     p.add_argument("--clear", action="store_true", help="delete them (they are recomputed when next needed)")
-    p.add_argument("--space", help="only the targets of spaces whose fingerprint starts with this")
+    p.add_argument("--space", help="only the files of models (a cloud: its space) whose fingerprint starts with this")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("models", help="list registered backbones with params and FLOPs")

@@ -36,6 +36,7 @@ class DemoConfig:
     gallery_limit: int | None = None
     query_limit: int | None = None
     seed: int = 0
+    gates: str | None = None  # verify's gates file (default: the project's targets)
     progress: bool = True
 
 
@@ -49,8 +50,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     from hetero.train import TrainConfig, train_cloud, train_edge
     from hetero.verify.run import verify
 
+    from hetero.verify.gates import load_gates
+
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    load_gates(cfg.gates)  # a bad gates file fails now, not after training
 
     def lap(name: str, t0: float) -> None:
         timings[name] = time.perf_counter() - t0
@@ -135,7 +139,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     log(f"\n[5/5] hetero verify: every exported artifact on every runner here, against the cloud gallery")
     t0 = time.perf_counter()
     checked = verify(str(out / "export"), str(out / "cloud"), edge=str(out / "edge"), data=cfg.data,
-                     out=str(out / "verify"), query_limit=cfg.query_limit, gallery_limit=cfg.gallery_limit,
+                     out=str(out / "verify"), gates=cfg.gates, query_limit=cfg.query_limit, gallery_limit=cfg.gallery_limit,
                      progress=cfg.progress, log=log)
     lap("verify", t0)
     timings["total"] = time.perf_counter() - t_start

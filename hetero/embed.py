@@ -39,16 +39,25 @@ def cloud_targets(cloud, ds: ImageSet, *, progress: bool = True, directory: Path
 
     ``cloud`` is a loaded cloud :class:`~hetero.checkpoint.Checkpoint`. Returns a read-only memory map.
     """
+    return cached_embeddings(cloud, ds, progress=progress, directory=directory, key=cloud.space, desc="cloud targets")
+
+
+def cached_embeddings(ckpt, ds: ImageSet, *, progress: bool = True, directory: Path | None = None,
+                      key: str | None = None, desc: str = "embed") -> np.ndarray:
+    """Embeddings of ``ds`` by the checkpoint's model, cached like :func:`cloud_targets`, keyed by the
+    model's own weights fingerprint (a cloud's equals its space) and the data digest. Verify uses it
+    for the torch edge model's queries and gallery, so a re-run only embeds through the runtimes."""
     directory = Path(directory) if directory else cache_dir() / "targets"
-    path = directory / f"{cloud.space[:16]}-{ds.digest()[:16]}-{len(ds)}.npy"
+    key = key or ckpt.fingerprint
+    path = directory / f"{key[:16]}-{ds.digest()[:16]}-{len(ds)}.npy"
     if path.is_file():
         try:
             emb = np.load(path, mmap_mode="r", allow_pickle=False)
-            if emb.shape == (len(ds), cloud.spec.dim) and emb.dtype == np.float32:
+            if emb.shape == (len(ds), ckpt.spec.dim) and emb.dtype == np.float32:
                 return emb
         except (OSError, ValueError):
             pass  # unreadable cache entry: recompute and replace it
-    emb = embed_images(cloud.model, ds, cloud.preprocess, progress=progress, desc="cloud targets")
+    emb = embed_images(ckpt.model, ds, ckpt.preprocess, progress=progress, desc=desc)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:

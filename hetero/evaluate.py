@@ -20,7 +20,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
     space; controls and independently trained clouds are compared on purpose.
     """
     from hetero.checkpoint import check_same_space
-    from hetero.embed import cloud_targets, embed_images
+    from hetero.embed import cached_embeddings, cloud_targets
     from hetero.verify.score import Scorer
 
     artifacts = artifacts or {}
@@ -30,16 +30,16 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
     prep = cloud.preprocess
     queries, gallery = queries.conform(prep), gallery.conform(prep)
     g_cloud = np.asarray(cloud_targets(cloud, gallery, progress=progress))
-    q_cloud = embed_images(cloud.model, queries, prep, progress=progress, desc="cloud queries")
+    q_cloud = np.asarray(cached_embeddings(cloud, queries, progress=progress, desc="cloud queries"))
     scorer = Scorer(g_cloud, gallery.labels, queries.labels, q_cloud)  # the one scoring path (verify's)
     rows = [_row(reference, reference, "torch", scorer.paragon_metrics)]
 
     exports = []
     q_inputs = None
     for name, ckpt in edges.items():
-        q = embed_images(ckpt.model, queries, prep, progress=progress, desc=f"{name} queries")
+        q = np.asarray(cached_embeddings(ckpt, queries, progress=progress, desc=f"{name} queries"))
         if ckpt.role != "control":  # a control's own gallery is not part of the protocol
-            g = embed_images(ckpt.model, gallery, prep, progress=progress, desc=f"{name} gallery")
+            g = np.asarray(cached_embeddings(ckpt, gallery, progress=progress, desc=f"{name} gallery"))
             rows.append(_row(name, name, "torch", scorer.score_own_gallery(q, g)))
         rows.append(_row(name, reference, "torch", scorer.score(q)))
         if name in artifacts:

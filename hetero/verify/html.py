@@ -279,7 +279,9 @@ def _examples(r: dict[str, Any], thumbs: _Thumbs) -> str:
                     f'<td>{top(x["paragon_top5"], x["paragon_top5_labels"])}</td>'
                     f'<td>{top(x["edge_top5"], x["edge_top5_labels"])}</td></tr>')
     return ('<p class="note">Each row: a query, then the paragon\'s (cloud->cloud) top 5 and the edge pair\'s top 5 in the '
-            'cloud gallery. Green border: same class as the query; red: another class.</p>'
+            'cloud gallery. Green border: same class as the query; red: another class. The torch edge\'s rows are its flips '
+            'against the paragon; an artifact\'s rows are its flips against the torch edge model (what the export '
+            'changed).</p>'
             '<table class="examples"><tr><th class="l">pair</th><th class="l">query</th><th class="l">paragon top 5</th>'
             '<th class="l">edge top 5</th></tr>'
             + "".join(rows) + "</table>")

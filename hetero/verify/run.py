@@ -112,13 +112,15 @@ def _latency(runner, budget_s: float) -> dict[str, Any] | None:
             "threads": runner.settings.get("threads"), "label": res["label"]}
 
 
-def _examples(name: str, ids: np.ndarray, ok: np.ndarray, scorer, per_pair: int) -> list[dict[str, Any]]:
-    """Up to ``per_pair`` negative and a third as many positive flips vs the paragon, lowest index first."""
+def _examples(name: str, ids: np.ndarray, ok: np.ndarray, scorer, per_pair: int, reference: bool) -> list[dict[str, Any]]:
+    """Flip examples, lowest query index first: for the torch edge, up to ``per_pair`` negative (and a
+    third as many positive) flips vs the paragon; for an artifact, its flips vs the torch edge model
+    (what the export changed), so the table does not repeat the torch rows."""
+    base, vs = (scorer.paragon_ok, "paragon") if reference else (scorer.reference_ok, "torch")
     out = []
-    for kind, sel, n in (("negative flip", scorer.paragon_ok & ~ok, per_pair), ("positive flip", ~scorer.paragon_ok & ok,
-                                                                               max(1, per_pair // 3))):
+    for kind, sel, n in (("negative", base & ~ok, per_pair), ("positive", ~base & ok, max(1, per_pair // 3))):
         for i in np.flatnonzero(sel)[:n]:
-            out.append({"pair": name, "kind": kind, "query": int(i), "query_label": int(scorer.ql[i]),
+            out.append({"pair": name, "kind": f"{kind} flip vs {vs}", "query": int(i), "query_label": int(scorer.ql[i]),
                         "paragon_top5": scorer.paragon_ids[i, :5].tolist(),
                         "paragon_top5_labels": scorer.gl[scorer.paragon_ids[i, :5]].tolist(),
                         "edge_top5": ids[i, :5].tolist(), "edge_top5_labels": scorer.gl[ids[i, :5]].tolist()})
@@ -136,7 +138,7 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
     from devices.runner import runner_class
     from hetero.checkpoint import load_checkpoint
     from hetero.data import load_dataset
-    from hetero.embed import cloud_targets, embed_images
+    from hetero.embed import cached_embeddings, cloud_targets
     from hetero.report import host_info
     from hetero.verify.gates import check_gates, load_gates, thresholds_for
     from hetero.verify.score import INDEXES, Scorer
@@ -181,9 +183,10 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
 
     t0 = time.perf_counter()
     g_cloud = np.asarray(cloud_targets(cloud_ckpt, gallery, progress=progress))
-    q_cloud = embed_images(cloud_ckpt.model, queries, prep, progress=progress, desc="cloud queries")
-    q_torch = embed_images(edge_ckpt.model, queries, prep, progress=progress, desc="edge queries (torch)")
-    g_edge = embed_images(edge_ckpt.model, gallery, prep, progress=progress, desc="edge gallery (torch)")
+    # the torch embeddings are cached too (keyed by weights and data), so a re-run only embeds through the runtimes
+    q_cloud = np.asarray(cached_embeddings(cloud_ckpt, queries, progress=progress, desc="cloud queries"))
+    q_torch = np.asarray(cached_embeddings(edge_ckpt, queries, progress=progress, desc="edge queries (torch)"))
+    g_edge = np.asarray(cached_embeddings(edge_ckpt, gallery, progress=progress, desc="edge gallery (torch)"))
     timings["embed with torch (cloud and edge)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scorer = Scorer(g_cloud, gallery.labels, queries.labels, q_cloud, index=index)
@@ -203,7 +206,7 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
         g = check_gates(m, th)
         rows.append({**_pair_head(pair), "runtime": runtime, "label": label, "status": "ok", "reason": None,
                      "metrics": m, "latency": lat, "gates": g, "passed": all(x["passed"] for x in g)})
-        examples.extend(_examples(pair.name, ids, ok, scorer, 3))
+        examples.extend(_examples(pair.name, ids, ok, scorer, 3, reference=pair.entry is None))
 
     ref_pair = Pair(None, "torch")
     lat = None

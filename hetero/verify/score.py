@@ -88,7 +88,7 @@ class _Index:
 
     def search(self, q: np.ndarray, k: int) -> np.ndarray:
         if self.index is None:
-            return search(q, self.gallery, k, chunk_size=chunk_rows(len(self.gallery)))[1]
+            return search(q, self.gallery, k, chunk_size=4096)[1]  # faiss blocks its own memory
         from hetero._search import faiss_threads
 
         with faiss_threads():
@@ -114,7 +114,7 @@ class Scorer:
         self.paragon_ok = self._correct(self.paragon_ids)
         if index != "exact":  # recall of the approximate index against exact search, on the paragon queries
             n = min(len(paragon), recall_sample)
-            exact = search(paragon[:n], gallery, self.k, chunk_size=chunk_rows(len(gallery)))[1]
+            exact = search(paragon[:n], gallery, self.k, chunk_size=4096)[1]
             self.search_info["recall_at_10_vs_exact"] = top_overlap(self.paragon_ids[:n], exact)
             self.search_info["recall_queries"] = n
         self.reference: np.ndarray | None = None
@@ -139,7 +139,7 @@ class Scorer:
     def score_own_gallery(self, q: np.ndarray, gallery: np.ndarray) -> dict[str, Any]:
         """Metrics of queries against a model's own gallery (X->X, homogeneous), with top-1 flips vs the paragon."""
         m: dict[str, Any] = self._metrics(q, gallery)
-        ids = search(q, gallery, 1, chunk_size=chunk_rows(len(gallery)))[1]
+        ids = search(q, gallery, 1, chunk_size=4096)[1]
         m["flips_vs_paragon"] = _flips(self.paragon_ok, self._correct(ids))
         return m
 
@@ -149,7 +149,7 @@ class Scorer:
         if len(q) != len(self.ql):
             raise HeteroError(f"{len(q)} query embeddings for {len(self.ql)} queries")
         m: dict[str, Any] = self._metrics(q)
-        ids = self._index.search(q, self.k)
+        ids = self.reference_ids if q is self.reference else self._index.search(q, self.k)
         ok = self._correct(ids)
         m["gap_to_paragon"] = self.paragon_metrics["map_at_r"] - m["map_at_r"]
         e2e = getattr(self, "edge_to_edge", None)

@@ -263,3 +263,15 @@ def test_gate_resolution():
     assert thresholds_for(custom, "palette4")["min_top10_overlap"] == 0.4
     assert thresholds_for(custom, "int8-weights")["min_top10_overlap"] == 0.95
     assert "min_drift_cosine" not in thresholds_for(gates, "fp32", reference=True)
+
+
+def test_readme_gates_block_is_the_defaults():
+    """The README's gates example is exactly what verify uses without --gates."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    data = tomllib.loads(block)
+    assert data == DEFAULTS and parse_gates(data) == parse_gates({})
