@@ -105,6 +105,17 @@ def load_manifest(export_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def checked_file(export_dir: Path, entry: dict[str, Any]) -> Path:
+    """The artifact file of a manifest entry, refused unless it exists inside the export directory
+    and matches its sha256."""
+    path = resolve_inside(export_dir, entry["file"])
+    if not path.exists():
+        raise DeviceError(f"{path} listed in {MANIFEST} is missing; re-run `hetero export`")
+    if sha256_path(path) != entry.get("sha256"):
+        raise DeviceError(f"{path} does not match its sha256 in {MANIFEST}; the file is corrupt or was replaced, re-run `hetero export`")
+    return path
+
+
 def open_artifact(export_dir: str | Path, fmt: str = "onnx", precision: str | None = None) -> Artifact:
     """The first artifact of ``fmt`` (and ``precision``) in the manifest, after checking its sha256."""
     manifest = load_manifest(export_dir)
@@ -113,11 +124,6 @@ def open_artifact(export_dir: str | Path, fmt: str = "onnx", precision: str | No
         if entry.get("format") == fmt and (precision is None or entry.get("precision") == precision):
             if entry.get("file") is None:  # e.g. a TensorRT engine to be built on the target
                 continue
-            path = resolve_inside(d, entry["file"])
-            if not path.exists():
-                raise DeviceError(f"{path} listed in {MANIFEST} is missing; re-run `hetero export`")
-            if sha256_path(path) != entry.get("sha256"):
-                raise DeviceError(f"{path} does not match its sha256 in {MANIFEST}; the file is corrupt or was replaced, re-run `hetero export`")
-            return Artifact(path, entry, manifest)
+            return Artifact(checked_file(d, entry), entry, manifest)
     have = ", ".join(f"{e.get('format')}/{e.get('precision')}" for e in manifest["artifacts"]) or "none"
     raise NoSuchArtifact(f"{d} has no {fmt} artifact{' of precision ' + precision if precision else ''} (it has: {have}); export it first")

@@ -74,17 +74,11 @@ def _pair_head(p: Pair) -> dict[str, Any]:
 
 def check_artifacts(manifest: dict[str, Any]) -> None:
     """Every listed file is present and matches its sha256 (bad input otherwise: exit 2)."""
-    from devices.artifact import resolve_inside, sha256_path
+    from devices.artifact import checked_file
 
-    d = Path(manifest["_dir"])
     for entry in manifest["artifacts"]:
-        if entry.get("file") is None:
-            continue
-        path = resolve_inside(d, entry["file"])
-        if not path.exists():
-            raise HeteroError(f"{path}, listed in the manifest, is missing; re-run `hetero export`")
-        if sha256_path(path) != entry.get("sha256"):
-            raise HeteroError(f"{path} does not match its sha256 in the manifest (corrupt or replaced); re-run `hetero export`")
+        if entry.get("file") is not None:
+            checked_file(Path(manifest["_dir"]), entry)
 
 
 def _edge_checkpoint(manifest: dict[str, Any], edge: str | None):
