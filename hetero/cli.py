@@ -177,18 +177,68 @@ def cmd_train_edge(args: argparse.Namespace) -> int:
     from hetero.data import load_dataset
     from hetero.train import train_edge
 
+    init_state = None
+    if args.init_from and not args.arch:
+        raise HeteroError("--init-from SUPERNET needs --arch arch.json (the subnet to take from it)")
+    if args.arch:
+        from hetero.nas.search import read_arch
+
+        if args.model or args.model_kwargs:
+            raise HeteroError("--arch sets the model; leave out --model and --model-kwargs")
+        arch, space = read_arch(args.arch)
+        args.model = "nas_mbv3"
     if not args.model:
         args.model = "mobilenet_w050"
     cloud = load_checkpoint(args.cloud, role="cloud")
     if args.dim is None:
         args.dim = cloud.spec.dim
-    cfg = _train_config(args, compat=not args.no_compat)
+    fixed = {"compat": not args.no_compat}
+    if args.arch:
+        fixed["model_kwargs"] = {"arch": arch.to_dict(), "space": space.to_dict()}
+        if args.init_from:
+            from hetero.nas.train import load_supernet
+
+            net, meta = load_supernet(args.init_from)
+            if meta.get("cloud_space") != cloud.space:
+                raise HeteroError(f"--init-from {args.init_from} was trained into cloud space {str(meta.get('cloud_space'))[:12]}, "
+                                  f"not --cloud's {cloud.space[:12]}; pass the supernet trained against this cloud")
+            if net.space.to_dict() != space.to_dict():
+                raise HeteroError(f"--arch {args.arch} belongs to another search space than --init-from {args.init_from}")
+            init_state = net.extract(arch).state_dict()
+    cfg = _train_config(args, **fixed)
     check_writable_dest(Path(args.out), args.overwrite)
     train = load_dataset(args.data, "train", progress=not args.quiet)
-    ckpt = train_edge(cfg, cloud, train, progress=not args.quiet)
+    ckpt = train_edge(cfg, cloud, train, progress=not args.quiet, init_state=init_state)
     save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
     kind = "control (no compatibility loss)" if args.no_compat else f"edge in cloud space {cloud.space[:12]}"
     print(f"{kind} checkpoint: {args.out}, last epoch {json.dumps({k: round(v, 4) for k, v in ckpt.info['history'][-1].items()})}")
+    return 0
+
+
+def cmd_train_supernet(args: argparse.Namespace) -> int:
+    from hetero.checkpoint import load_checkpoint
+    from hetero.data import load_dataset
+    from hetero.nas.train import SupernetConfig, train_supernet
+
+    kw = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "n_random", "distill", "val_size", "limit", "seed")
+          if getattr(args, k) is not None}
+    if args.loss:
+        kw["losses"] = _parse_kv(args.loss, "--loss")
+    cfg = SupernetConfig(progressive=args.progressive, sort_channels=args.sort_channels, **kw)
+    cloud = load_checkpoint(args.cloud, role="cloud")
+    train = load_dataset(args.data, "train", progress=not args.quiet)
+    meta = train_supernet(cfg, cloud, train, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"supernet: {args.out} ({meta['epochs_done']} epochs, validation split {meta['split']['val']} images)")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from hetero.nas.search import SearchConfig, search
+
+    kw = {k: getattr(args, k) for k in ("population", "generations", "mutate_prob", "val_limit", "seed")
+          if getattr(args, k) is not None}
+    search(args.supernet, args.cloud, args.budget, data=args.data, out=args.out, cfg=SearchConfig(**kw),
+           progress=not args.quiet)
     return 0
 
 
@@ -506,7 +556,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cloud targets: cached once (memory-mapped) or computed per batch by the frozen cloud; "
                         "auto = online with --augment, else cached")
     p.add_argument("--no-compat", action="store_true", help="train the control: own classifier, no compatibility loss")
+    p.add_argument("--arch", help="arch.json from `hetero search`: train that subnet (backbone nas_mbv3)")
+    p.add_argument("--init-from", help="supernet directory (`hetero train-supernet`): start from the subnet's shared weights")
     p.set_defaults(func=cmd_train_edge)
+
+    p = sub.add_parser("train-supernet", help="train the elastic NAS supernet into a cloud space (sandwich rule)")
+    p.add_argument("--cloud", required=True, help="cloud checkpoint directory")
+    p.add_argument("--out", required=True, help="supernet directory to write (rewritten after every epoch)")
+    p.add_argument("--data", help="dataset folder (default Fashion-MNIST); its train split, less --val-size images")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--n-random", type=int, help="random subnets per step besides the largest and smallest (default 2)")
+    p.add_argument("--distill", type=float, help="in-place distillation weight from the largest subnet (default 1; 0 off)")
+    p.add_argument("--progressive", action="store_true", help="progressive shrinking: kernel, then depth, then expand/width")
+    p.add_argument("--sort-channels", action="store_true", help="with --progressive: re-sort channels by importance per phase")
+    p.add_argument("--loss", help="compatibility losses (default influence=1,alignment=1)")
+    p.add_argument("--val-size", type=int, help="validation images carved from the train split for the search (default 5000)")
+    p.add_argument("--limit", type=int, help="use the first N training images")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_supernet)
+
+    p = sub.add_parser("search", help="evolutionary search of the supernet for the best compatible subnet per budget")
+    p.add_argument("--supernet", required=True, help="directory written by `hetero train-supernet`")
+    p.add_argument("--cloud", required=True, help="the cloud it was trained against")
+    p.add_argument("--budget", action="append", required=True,
+                   help="flops=0.8M | params=50k | latency=0.5ms@host-cpu-1thread (repeat for a Pareto front)")
+    p.add_argument("--out", required=True, help="directory for pareto.json, pareto.png and arch.json")
+    p.add_argument("--data", help="the dataset the supernet was trained on (default Fashion-MNIST)")
+    p.add_argument("--population", type=int)
+    p.add_argument("--generations", type=int)
+    p.add_argument("--mutate-prob", type=float)
+    p.add_argument("--val-limit", type=int, help="score on the first N validation images (default all)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="export a checkpoint to every deployment format, with manifest.json")
     p.add_argument("--edge", required=True, help="checkpoint directory to export")

@@ -128,8 +128,10 @@ def train_cloud(cfg: TrainConfig, train_set: ImageSet, prep: Preprocess, *, prog
     return ckpt
 
 
-def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, progress: bool = True) -> Checkpoint:
-    """Train an edge model into ``cloud``'s space (``cfg.compat``), or the control (own classifier, CE only)."""
+def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, progress: bool = True,
+               init_state: dict[str, torch.Tensor] | None = None) -> Checkpoint:
+    """Train an edge model into ``cloud``'s space (``cfg.compat``), or the control (own classifier, CE only).
+    ``init_state``: starting weights of the model (e.g. a subnet extracted from a NAS supernet)."""
     if cloud.role != "cloud":
         raise HeteroError(f"--cloud must be a cloud checkpoint, got a {cloud.role} checkpoint ({cloud.path})")
     prep = cloud.preprocess
@@ -152,6 +154,11 @@ def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, prog
     torch.manual_seed(cfg.seed)
     spec = ModelSpec(cfg.model, cfg.dim, dict(cfg.model_kwargs))
     model = create_embedding_model(spec, prep.channels)
+    if init_state is not None:
+        try:
+            model.load_state_dict(init_state, strict=True)
+        except RuntimeError as e:
+            raise HeteroError(f"the initial weights do not fit {cfg.model} ({str(e).splitlines()[0]})") from None
     t0 = time.perf_counter()
     if loss_fn is not None:
         frozen = cloud.classifier

@@ -22,6 +22,7 @@ from devices.coreml_interp import InputSpec, Interpreter, load_program  # noqa: 
 from devices.runner import RUNNERS  # noqa: E402
 from export import export_checkpoint  # noqa: E402
 from export.base import FormatBreaksModel  # noqa: E402
+from hetero.nas.static import NasMobileNetV3
 from hetero.checkpoint import Checkpoint  # noqa: E402
 from hetero.data import Preprocess  # noqa: E402
 from hetero.models import ModelSpec, create_backbone, create_embedding_model, list_backbones  # noqa: E402
@@ -33,10 +34,15 @@ pytestmark = pytest.mark.coreml
 ALL = ("coreml", "coreml-fp16", "coreml-int8w", "coreml-palette6", "coreml-palette4")
 # every backbone family and the tiny registered variant that stands in for it here (the benchmark
 # benchmarks/coreml_interp.py runs every registered backbone at full size)
-FAMILIES = {MobileNet: "test_mobilenet", CifarResNet: "test_resnet"}
+FAMILIES = {MobileNet: "test_mobilenet", CifarResNet: "test_resnet", NasMobileNetV3: "test_nas_mbv3"}
+# an untrained NAS subnet (squeeze-excite gates) loses too much to 4-bit palettes (mean cosine 0.6-0.8), which
+# the export refuses as breaking it; the palette decoding is checked on the other families
+FORMATS = {name: tuple(f for f in ALL if not (name == "test_nas_mbv3" and f == "coreml-palette4"))
+           for name in FAMILIES.values()}
 # compressed weights change the model: their bounds are loose; that the interpreter decompresses them
 # exactly as coremltools does is checked separately
 MIN_COS = {"fp32": 0.99999, "fp16": 0.999, "int8-weights": 0.999, "palette6": 0.99, "palette4": 0.95}
+MIN_COS_FOR = {("test_nas_mbv3", "int8-weights"): 0.998, ("test_nas_mbv3", "palette6"): 0.9}  # untrained NAS stand-in: 0.9983, 0.949 measured
 PREP = Preprocess(28, 1, (0.286,), (0.353,))
 
 
@@ -78,7 +84,7 @@ def family(request, tmp_path_factory):
     ck = checkpoint(request.param)
     out = tmp_path_factory.mktemp("coreml-interp") / request.param
     x = PREP.apply(images(45))
-    m = export_checkpoint(ck, out, formats=ALL, name="m", check_inputs=x, options={"coreml.weight_threshold": 100})
+    m = export_checkpoint(ck, out, formats=FORMATS[request.param], name="m", check_inputs=x, options={"coreml.weight_threshold": 100})
     return request.param, ck, out, m, x
 
 
@@ -92,13 +98,13 @@ def test_every_format_matches_torch(family):
     name, ck, out, m, x = family
     ref = torch_embed(ck, x)
     arts = {a["export_format"]: a for a in m["artifacts"]}
-    assert sorted(arts) == sorted(ALL)
+    assert sorted(arts) == sorted(FORMATS[name])
     for fmt, a in arts.items():
         interp = Interpreter.from_package(out / a["file"])
         got = interp.run_batched(x)  # 45 rows: batches of 32, 8, 1 x5
         assert got.dtype == np.float32 and got.shape == ref.shape
         cos = cosines(got, ref)
-        assert cos.min() >= MIN_COS[a["precision"]], (name, fmt, cos.min())
+        assert cos.min() >= MIN_COS_FOR.get((name, a["precision"]), MIN_COS[a["precision"]]), (name, fmt, cos.min())
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
         # the export measured the same thing, labelled emulated
         f = a["fidelity"]
@@ -153,9 +159,11 @@ def test_fp16_is_stored_and_rounded_after_every_op(family):
 
 
 def test_compressed_weights_decompress_like_coremltools(family):
-    _, _, out, _, _ = family
+    name, _, out, _, _ = family
     for f, kind in (("int8w", "constexpr_affine_dequantize"), ("palette6", "constexpr_lut_to_dense"),
                     ("palette4", "constexpr_lut_to_dense")):
+        if f"coreml-{f}" not in FORMATS[name]:
+            continue
         prog = load_program(out / f"m.{f}.mlpackage")
         interp = Interpreter(prog)
         ops = [op for op in prog.functions["main"].operations if op.op_type == kind]

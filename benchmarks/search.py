@@ -1,0 +1,191 @@
+"""Compatibility-aware architecture search against hand-designed edges, on the embedded protocol:
+Fashion-MNIST, queries = test (10k), gallery = train (60k) embedded by the cloud.
+
+Steps, each resumable (state in ``--out``, a JSON rewritten after every step; the supernet resumes
+per epoch):
+1. the cloud: the shipped pretrained ResNet-20 (paragon 0.8524 mAP@R), or ``--cloud``;
+2. the supernet: ``hetero train-supernet`` (``--supernet-epochs``);
+3. the search: one budget per hand-designed edge's FLOPs plus the 80x budget (cloud FLOPs / 80);
+4. every searched subnet fine-tuned from the supernet, and every hand-designed edge trained from
+   scratch, with the same recipe and the same number of epochs (``--edge-epochs``, ``--recipe``);
+5. each scored on the protocol with the verify scorer: mAP@R, gap to paragon, criterion, negative
+   flip rate, FLOPs, params, cost ratio, and p50 latency on host-cpu-1thread (ONNX, batch 1).
+
+    python benchmarks/search.py                                   # full run (hours on 2 cores)
+    python benchmarks/search.py --smoke --out /tmp/search.json    # minutes: small data, 1 epoch each
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HAND = {"w050": ("mobilenet_w050", {}), "w035d050": ("mobilenet", {"width": 0.35, "depth": 0.5})}
+
+
+def score(ckpt, cloud, queries, gallery, g_cloud, q_cloud) -> dict:
+    from hetero.cost import count_flops, count_params
+    from hetero.embed import embed_images
+    from hetero.verify.score import Scorer
+
+    prep = cloud.preprocess
+    q = embed_images(ckpt.model, queries, prep, progress=False)
+    g = embed_images(ckpt.model, gallery, prep, progress=False)
+    sc = Scorer(g_cloud, gallery.labels, queries.labels, q_cloud)
+    sc.set_reference(q, g)
+    m = sc.score(q)
+    return {"map_at_r": m["map_at_r"], "recall_at_1": m["recall_at_1"], "edge_to_edge": sc.edge_to_edge["map_at_r"],
+            "paragon": sc.paragon_metrics["map_at_r"], "gap_to_paragon": m["gap_to_paragon"],
+            "criterion_met": m["criterion_met"], "negative_flip_rate": m["flips_vs_paragon"]["negative"],
+            "flops": count_flops(ckpt.model, ckpt.input_shape), "params": count_params(ckpt.model)}
+
+
+def latency(ckpt) -> float | None:
+    import tempfile
+
+    from devices.standalone import bench_export
+    from export import export_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        export_checkpoint(ckpt, Path(d) / "x", formats=("onnx",),
+                          check_inputs=np.zeros((4, *ckpt.input_shape), np.float32))
+        res = bench_export(Path(d) / "x", profile="host-cpu-1thread", batch_sizes=(1,), iters=500, warmup=50)
+    return float(res["results"][0]["p50_ms"])
+
+
+def markdown(state: dict) -> str:
+    rows = state.get("rows", [])
+    h = state.get("host", {})
+    out = ["# Architecture search vs hand-designed edges (queries: test 10k; gallery: train 60k, cloud-embedded)", "",
+           f"Measured on {h.get('processor', '?')} ({h.get('cpu_count', '?')} CPUs), {h.get('date', '?')}. Cloud: "
+           f"{state.get('cloud', '?')} (paragon mAP@R {state.get('paragon', float('nan')):.4f}, "
+           f"{state.get('cloud_flops', 0) / 1e6:.2f} MFLOPs). Recipe {state.get('recipe')}, {state.get('edge_epochs')} "
+           f"epochs on both sides; supernet {state.get('supernet_epochs')} epochs.", "",
+           "| edge | kind | budget | MFLOPs | params | cost ratio | edge->cloud mAP@R | gap (pts) | criterion | NFR | "
+           "p50 ms (host-cpu-1thread) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lat = f"{r['latency_ms']:.3f}" if r.get("latency_ms") else "-"
+        out.append(f"| {r['name']} | {r['kind']} | {r.get('budget') or '-'} | {r['flops'] / 1e6:.3f} | {r['params']:,} | "
+                   f"{r['cost_ratio']:.1f}x | {r['map_at_r']:.4f} | {100 * r['gap_to_paragon']:.2f} | "
+                   f"{'yes' if r['criterion_met'] else 'no'} | {100 * r['negative_flip_rate']:.2f}% | {lat} |")
+    for pts in (0.3, 1.0):
+        ok = [r for r in rows if 100 * r["gap_to_paragon"] <= pts]
+        best = max(ok, key=lambda r: r["cost_ratio"]) if ok else None
+        out.append("")
+        out.append(f"Largest cost ratio with a gap of at most {pts} points: "
+                   + (f"**{best['cost_ratio']:.1f}x** ({best['name']})" if best else "none reached"))
+    if state.get("search"):
+        s = state["search"]
+        out += ["", f"Search: {s['evaluations']} candidates in {s['search_seconds']:.0f} s "
+                f"({s['search_seconds'] / max(1, s['evaluations']):.2f} s each, BN recalibration included)."]
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cloud", help="cloud checkpoint (default: the shipped pretrained ResNet-20)")
+    ap.add_argument("--supernet-epochs", type=int, default=10)
+    ap.add_argument("--edge-epochs", type=int, default=8)
+    ap.add_argument("--recipe", default="influence=1", help="loss recipe for both sides (README: the best at 8 epochs)")
+    ap.add_argument("--population", type=int, default=40)
+    ap.add_argument("--generations", type=int, default=5)
+    ap.add_argument("--work", default="runs/bench-search", help="where the supernet, search and edges go")
+    ap.add_argument("--out", default="benchmarks/results/search.json")
+    ap.add_argument("--smoke", action="store_true", help="small data and 1 epoch everywhere: checks the pipeline")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    from hetero._atomic import write_json_atomic, write_text_atomic
+    from hetero.checkpoint import load_checkpoint, save_checkpoint
+    from hetero.cli import _parse_kv
+    from hetero.cost import count_flops
+    from hetero.data import load_dataset
+    from hetero.embed import cloud_targets, embed_images
+    from hetero.nas.search import SearchConfig, read_arch, search
+    from hetero.nas.train import SupernetConfig, load_supernet, train_supernet
+    from hetero.pretrained import load_pretrained
+    from hetero.report import host_info
+    from hetero.train import TrainConfig, train_edge
+
+    work, out = Path(args.work), Path(args.out)
+    state = json.loads(out.read_text()) if out.is_file() else {}
+    limit = 6000 if args.smoke else None
+    sn_epochs, e_epochs = (1, 1) if args.smoke else (args.supernet_epochs, args.edge_epochs)
+    recipe = _parse_kv(args.recipe, "--recipe")
+    cloud = load_checkpoint(args.cloud, role="cloud") if args.cloud else load_pretrained("fmnist-resnet20")
+    if not cloud.path:
+        save_checkpoint(cloud, work / "cloud", overwrite=True)
+        cloud = load_checkpoint(work / "cloud")
+    train, test = load_dataset(None, "train"), load_dataset(None, "test")
+    queries = test.subset(2000) if args.smoke else test
+    g_cloud = np.asarray(cloud_targets(cloud, train))
+    q_cloud = embed_images(cloud.model, queries, cloud.preprocess)
+    state.update({"host": host_info(), "cloud": str(args.cloud or "shipped fmnist-resnet20"), "recipe": recipe,
+                  "edge_epochs": e_epochs, "supernet_epochs": sn_epochs, "smoke": args.smoke,
+                  "cloud_flops": count_flops(cloud.model, cloud.input_shape)})
+    state.setdefault("rows", [])
+
+    def save():
+        write_json_atomic(out, state)
+        write_text_atomic(out.with_suffix(".md"), markdown(state))
+
+    sn = work / "supernet"
+    meta = json.loads((sn / "supernet.json").read_text()) if (sn / "supernet.json").is_file() else {}
+    if meta.get("epochs_done", 0) < sn_epochs:
+        t0 = time.perf_counter()
+        meta = train_supernet(SupernetConfig(epochs=sn_epochs, limit=limit, val_size=1000 if args.smoke else 5000),
+                              cloud, train, sn, resume=(sn / "supernet.json").is_file())
+        state["supernet_seconds"] = state.get("supernet_seconds", 0) + time.perf_counter() - t0
+        save()
+    hand_flops = {}
+    for name, (model, kw) in HAND.items():
+        from hetero.models import ModelSpec, create_embedding_model
+
+        hand_flops[name] = count_flops(create_embedding_model(ModelSpec(model, cloud.spec.dim, kw), 1), cloud.input_shape)
+    budgets = [f"flops={f / 1e6:.4f}M" for f in hand_flops.values()] + [f"flops={state['cloud_flops'] / 80 / 1e6:.4f}M"]
+    if not (work / "search" / "pareto.json").is_file():
+        res = search(str(sn), str(cloud.path), budgets, out=str(work / "search"),
+                     cfg=SearchConfig(population=8 if args.smoke else args.population,
+                                      generations=1 if args.smoke else args.generations))
+        state["search"] = {k: res[k] for k in ("evaluations", "search_seconds", "best")}
+        save()
+    done = {r["name"] for r in state["rows"]}
+    jobs = [(f"hand {n}", "hand-designed", None, m, kw) for n, (m, kw) in HAND.items()]
+    jobs += [(f"searched {b}", "searched", b, None, None) for b in budgets]
+    for name, kind, budget, model, kw in jobs:
+        if name in done:
+            continue
+        t0 = time.perf_counter()
+        init = None
+        if kind == "searched":
+            slug = budget.replace("=", "-")
+            arch, space = read_arch(str(work / "search" / f"arch-{slug}.json"))
+            model, kw = "nas_mbv3", {"arch": arch.to_dict(), "space": space.to_dict()}
+            init = load_supernet(sn)[0].extract(arch).state_dict()
+        cfg = TrainConfig(model=model, model_kwargs=kw, dim=cloud.spec.dim, epochs=e_epochs, losses=recipe, limit=limit)
+        ckpt = train_edge(cfg, cloud, train, init_state=init)
+        save_checkpoint(ckpt, work / name.replace(" ", "-"), overwrite=True)
+        row = {"name": name, "kind": kind, "budget": budget, **score(ckpt, cloud, queries, train, g_cloud, q_cloud),
+               "train_seconds": time.perf_counter() - t0}
+        row["cost_ratio"] = state["cloud_flops"] / row["flops"]
+        state["paragon"] = row["paragon"]
+        try:
+            row["latency_ms"] = latency(ckpt)
+        except Exception as e:  # noqa: BLE001 - latency is a column, not the benchmark
+            row["latency_error"] = str(e).splitlines()[0]
+        state["rows"].append(row)
+        save()
+        print(f"{name}: mAP@R {row['map_at_r']:.4f}, gap {100 * row['gap_to_paragon']:.2f} pts, {row['cost_ratio']:.1f}x",
+              flush=True)
+    print(markdown(state))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

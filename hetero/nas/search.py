@@ -1,0 +1,370 @@
+"""Compatibility-aware evolutionary search over a trained supernet (CMP-NAS's search, under a cost
+budget as in Once-for-All).
+
+Reward: edge->cloud mAP@R of the subnet's embeddings of the validation split (carved from the
+training split by `train-supernet`, never the test split) against the rest of the training split
+embedded by the cloud (cached). Every candidate gets a BatchNorm recalibration on training images
+first. Cost: FLOPs or parameters (exact, analytic), or latency measured directly on a device
+profile's runner (ONNX export + the latency harness, batch 1; slow, so memoised per architecture).
+
+Outputs: ``pareto.json`` (every evaluated candidate with cost and reward, the front, the best per
+budget), ``pareto.png``, and ``arch.json`` (the first budget's choice; ``arch-<budget>.json`` for
+each budget), which ``hetero train-edge --arch arch.json --init-from SUPERNET`` fine-tunes.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from hetero.errors import HeteroError
+
+SCHEMA = "hetero-nas-search/1"
+ARCH_FORMAT = "hetero-arch"
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # flops | params | latency
+    value: float  # FLOPs, parameters, or milliseconds
+    profile: str | None = None
+    text: str = ""
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "-", self.text).strip("-")
+
+
+def parse_budget(text: str) -> Budget:
+    """``flops=0.8M``, ``params=50k`` or ``latency=0.5ms@host-cpu-1thread``."""
+    m = re.fullmatch(r"\s*(flops|params)\s*=\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)\s*", text or "")
+    if m:
+        value = float(m[2]) * _SUFFIX[m[3].lower()]
+        if value <= 0:
+            raise HeteroError(f"--budget {text}: the budget must be positive")
+        return Budget(m[1], value, None, text.strip())
+    m = re.fullmatch(r"\s*latency\s*=\s*([0-9]*\.?[0-9]+)\s*ms\s*@\s*([A-Za-z0-9_.-]+)\s*", text or "")
+    if m:
+        from devices.errors import DeviceError
+        from devices.profiles import profile
+
+        try:
+            profile(m[2])
+        except DeviceError as e:
+            raise HeteroError(f"--budget {text}: {e}") from None
+        if float(m[1]) <= 0:
+            raise HeteroError(f"--budget {text}: the budget must be positive")
+        return Budget("latency", float(m[1]), m[2], text.strip())
+    raise HeteroError(f"--budget {text!r} is not understood; use flops=0.8M, params=50k or latency=0.5ms@PROFILE "
+                      "(see `hetero devices` for profiles)")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    population: int = 40
+    generations: int = 5
+    parents: float = 0.25  # fraction of the population kept as parents
+    mutate_prob: float = 0.15
+    mutation_share: float = 0.5  # children made by mutation (the rest by crossover)
+    calib_images: int = 1024
+    val_limit: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.population < 2 or self.generations < 0 or not 0 < self.parents <= 1 or not 0 <= self.mutate_prob <= 1 \
+                or not 0 <= self.mutation_share <= 1 or self.calib_images < 1:
+            raise HeteroError("search settings out of range: --population >= 2, --generations >= 0, 0 < --parents <= 1, "
+                              "--mutate-prob and --mutation-share in [0, 1], --calib-images >= 1")
+
+
+class Evaluator:
+    """Reward and cost of subnets, memoised by architecture."""
+
+    MIN_VAL = 100
+
+    def __init__(self, net, meta: dict[str, Any], cloud, train_set, cfg: SearchConfig, progress: bool = True):
+        from hetero.embed import cloud_targets
+        from hetero.nas.train import val_split
+
+        self.net, self.meta, self.cfg = net, meta, cfg
+        prep = cloud.preprocess
+        ds = train_set.conform(prep)
+        limit = meta["config"].get("limit")
+        if limit and limit < len(ds):
+            ds = ds.subset(limit)
+        if ds.digest() != meta.get("dataset_digest"):
+            raise HeteroError("the training data differ from the data the supernet was trained on; pass the same --data")
+        tr_idx, va_idx = val_split(len(ds), meta["config"]["val_size"], meta["config"]["seed"])
+        if cfg.val_limit:
+            va_idx = va_idx[:cfg.val_limit]
+        if len(va_idx) < self.MIN_VAL:
+            raise HeteroError(f"the validation split has {len(va_idx)} images, too few to score subnets (at least "
+                              f"{self.MIN_VAL}); raise --val-limit or train the supernet with a larger --val-size")
+        self.gallery_set, self.val_set = ds.subset(tr_idx), ds.subset(va_idx)
+        missing = set(np.unique(self.val_set.labels)) - set(np.unique(self.gallery_set.labels))
+        if missing:
+            raise HeteroError(f"validation classes {sorted(missing)} have no gallery image; use a larger training split")
+        self.gallery = np.asarray(cloud_targets(cloud, self.gallery_set, progress=progress))
+        self.prep = prep
+        self.val_x = torch.from_numpy(prep.apply(self.val_set.images))
+        rng = np.random.default_rng(cfg.seed)
+        calib = rng.choice(len(self.gallery_set), size=min(cfg.calib_images, len(self.gallery_set)), replace=False)
+        cx = torch.from_numpy(prep.apply(self.gallery_set.images[np.sort(calib)]))
+        self.calib = [cx[i:i + 256] for i in range(0, len(cx), 256)]
+        self.space_dict, self.dim = meta["space"], int(meta["dim"])
+        self.records: dict[str, dict[str, Any]] = {}
+        self._latency: dict[tuple[str, str], float] = {}
+
+    def cost(self, arch, budget: Budget) -> float:
+        from hetero.nas.supernet import arch_flops, arch_params
+
+        if budget.kind == "flops":
+            return float(arch_flops(arch, self.net.space, self.dim))
+        if budget.kind == "params":
+            return float(arch_params(arch, self.net.space, self.dim))
+        key = (arch.key(), budget.profile)
+        if key not in self._latency:
+            self._latency[key] = measure_latency(self.net, arch, self.meta, budget.profile)
+        return self._latency[key]
+
+    @torch.no_grad()
+    def reward(self, arch) -> dict[str, Any]:
+        from hetero.metrics import retrieval_metrics
+        from hetero.nas.supernet import arch_flops, arch_params, recalibrate_bn
+
+        key = arch.key()
+        if key in self.records:
+            return self.records[key]
+        t0 = time.perf_counter()
+        self.net.set_active(arch)
+        recalibrate_bn(self.net, self.calib)
+        self.net.eval()
+        q = torch.cat([self.net(self.val_x[i:i + 512]) for i in range(0, len(self.val_x), 512)]).numpy()
+        m = retrieval_metrics(q, self.val_set.labels, self.gallery, self.gallery_set.labels)
+        rec = {"arch": arch.to_dict(), "map_at_r": m["map_at_r"], "recall_at_1": m["recall_at_1"],
+               "flops": int(arch_flops(arch, self.net.space, self.dim)),
+               "params": int(arch_params(arch, self.net.space, self.dim)), "seconds": time.perf_counter() - t0}
+        self.records[key] = rec
+        return rec
+
+
+def measure_latency(net, arch, meta: dict[str, Any], profile: str) -> float:
+    """Batch-1 p50 (ms) of the extracted subnet, exported to ONNX, on the profile's runner here."""
+    import tempfile
+
+    from devices.errors import DeviceError
+    from devices.standalone import bench_export
+    from export import export_checkpoint
+    from hetero.checkpoint import Checkpoint
+    from hetero.data import Preprocess
+    from hetero.models import ModelSpec
+
+    model = net.extract(arch)
+    prep = Preprocess.from_dict(meta["preprocess"])
+    ckpt = Checkpoint("edge", ModelSpec("nas_mbv3", int(meta["dim"]), {"arch": arch.to_dict(), "space": meta["space"]}),
+                      model, None, prep, tuple(meta["classes"]), space=meta["cloud_space"])
+    with tempfile.TemporaryDirectory() as d:
+        export_checkpoint(ckpt, Path(d) / "x", formats=("onnx",), check_inputs=np.zeros((4, *ckpt.input_shape), np.float32))
+        try:
+            res = bench_export(Path(d) / "x", profile=profile, batch_sizes=(1,), iters=200, warmup=20)
+        except DeviceError as e:
+            raise HeteroError(f"latency budget: {e}") from None
+    return float(res["results"][0]["p50_ms"])
+
+
+def _feasible_random(space, ev: Evaluator, budget: Budget, rng: random.Random, tries: int = 300):
+    from hetero.nas.space import mutate, sample, smallest
+
+    for _ in range(tries):
+        a = sample(space, rng)
+        if ev.cost(a, budget) <= budget.value:
+            return a
+    a = smallest(space)  # a tight budget: walk out from the smallest arch
+    for _ in range(tries):
+        b = mutate(a, space, rng, 0.3)
+        if ev.cost(b, budget) <= budget.value:
+            return b
+    return a
+
+
+def evolve(ev: Evaluator, budget: Budget, cfg: SearchConfig, rng: random.Random,
+           on_eval: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """One evolutionary search under ``budget``; returns the best record (with its cost)."""
+    from hetero.nas.space import crossover, mutate, smallest
+
+    space = ev.net.space
+    low = ev.cost(smallest(space), budget)
+    if low > budget.value:
+        unit = {"flops": "FLOPs", "params": "parameters", "latency": "ms"}[budget.kind]
+        raise HeteroError(f"no architecture in the space meets {budget.text}: the smallest achievable is {_fmt(low)} {unit}; "
+                          "raise the budget")
+
+    def score(a):
+        n = len(ev.records)
+        r = ev.reward(a)
+        if len(ev.records) > n:
+            on_eval()
+        return r["map_at_r"]
+
+    pop = {}
+    for _ in range(5 * cfg.population):  # a tight budget may hold fewer distinct archs than the population
+        if len(pop) >= cfg.population:
+            break
+        a = _feasible_random(space, ev, budget, rng)
+        pop[a.key()] = a
+    scored = sorted(pop.values(), key=score, reverse=True)
+    n_par = max(1, int(round(cfg.parents * cfg.population)))
+    for _ in range(cfg.generations):
+        parents = scored[:n_par]
+        children: dict[str, Any] = {}
+        attempts = 0
+        while len(children) < cfg.population - n_par and attempts < 50 * cfg.population:
+            attempts += 1
+            if rng.random() < cfg.mutation_share or len(parents) < 2:
+                c = mutate(rng.choice(parents), space, rng, cfg.mutate_prob)
+            else:
+                a, b = rng.sample(parents, 2)
+                c = crossover(a, b, space, rng)
+            if c.key() not in children and ev.cost(c, budget) <= budget.value:
+                children[c.key()] = c
+        scored = sorted({a.key(): a for a in parents + list(children.values())}.values(), key=score, reverse=True)
+        scored = scored[:cfg.population]
+    best = scored[0]
+    rec = dict(ev.reward(best))
+    rec["cost"] = ev.cost(best, budget)
+    return rec
+
+
+def _fmt(x: float) -> str:
+    return f"{x / 1e6:.3g}M" if x >= 1e5 else f"{x / 1e3:.3g}k" if x >= 1e3 else f"{x:.3g}"
+
+
+def pareto_front(records: list[dict[str, Any]], cost: str = "flops") -> list[int]:
+    """Indices of the candidates no other beats on both lower cost and higher mAP@R."""
+    order = sorted(range(len(records)), key=lambda i: (records[i][cost], -records[i]["map_at_r"]))
+    front, best = [], -1.0
+    for i in order:
+        if records[i]["map_at_r"] > best:
+            front.append(i)
+            best = records[i]["map_at_r"]
+    return front
+
+
+def search(supernet: str, cloud: str, budgets: list[str], *, data: str | None = None, out: str,
+           cfg: SearchConfig = SearchConfig(), progress: bool = True, log=print) -> dict[str, Any]:
+    """`hetero search`: the evolutionary search for every budget; writes ``out``; returns pareto.json."""
+    from hetero._atomic import atomic_dir, write_json_atomic
+    from hetero._progress import progress_bar
+    from hetero.checkpoint import load_checkpoint
+    from hetero.data import load_dataset
+    from hetero.nas.train import load_supernet
+
+    parsed = [parse_budget(b) for b in budgets]
+    if not parsed:
+        raise HeteroError("give at least one --budget, e.g. --budget flops=0.8M")
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "pareto.json").is_file():
+        raise HeteroError(f"--out {out} exists and is not an earlier search; choose another directory")
+    net, meta = load_supernet(supernet)
+    cloud_ckpt = load_checkpoint(cloud, role="cloud")
+    if meta.get("cloud_space") != cloud_ckpt.space:
+        raise HeteroError(f"supernet {supernet} was trained into cloud space {str(meta.get('cloud_space'))[:12]}, but "
+                          f"--cloud {cloud} is {cloud_ckpt.space[:12]}; pass the cloud it was trained against")
+    train = load_dataset(data, "train", progress=progress)
+    t0 = time.perf_counter()
+    ev = Evaluator(net, meta, cloud_ckpt, train, cfg, progress=progress)
+    total = len(parsed) * cfg.population * (cfg.generations + 1)
+    bar = progress_bar(total=total, desc="search (evaluations)", unit="arch", disable=not progress, leave=False)
+    rng = random.Random(cfg.seed)
+    t_search = time.perf_counter()
+    best = {}
+    for b in parsed:
+        best[b.text] = evolve(ev, b, cfg, rng, on_eval=lambda: bar.update(1))
+        r = best[b.text]
+        log(f"{b.text}: best mAP@R {r['map_at_r']:.4f} at {_fmt(r['flops'])} FLOPs, {_fmt(r['params'])} params"
+            + (f", {r['cost']:.3f} ms" if b.kind == "latency" else ""))
+    bar.close()
+    seconds = time.perf_counter() - t_search
+    records = list(ev.records.values())
+    result = {
+        "schema": SCHEMA, "supernet": str(supernet), "cloud": str(cloud), "cloud_space": cloud_ckpt.space,
+        "space": meta["space"], "config": asdict(cfg), "budgets": [asdict(b) for b in parsed],
+        "validation": {"queries": len(ev.val_set), "gallery": len(ev.gallery_set),
+                       "note": "validation split carved from the training split; gallery = the rest, cloud-embedded"},
+        "evaluations": len(records), "search_seconds": seconds, "setup_seconds": t_search - t0,
+        "candidates": records, "pareto_flops": pareto_front(records, "flops"),
+        "best": {k: v for k, v in best.items()},
+        "latency_ms": {f"{k[1]}:{k[0]}": v for k, v in ev._latency.items()},
+    }
+    log(f"{len(records)} candidates evaluated in {seconds:.0f} s ({seconds / max(1, len(records)):.2f} s each, BN "
+        "recalibration included)")
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        write_json_atomic(tmp / "pareto.json", result)
+        for i, b in enumerate(parsed):
+            arch_doc = {"format": ARCH_FORMAT, "space": meta["space"], "arch": best[b.text]["arch"], "budget": b.text,
+                        "cost": best[b.text]["cost"], "flops": best[b.text]["flops"], "params": best[b.text]["params"],
+                        "val_map_at_r": best[b.text]["map_at_r"], "supernet": str(supernet),
+                        "cloud_space": cloud_ckpt.space}
+            write_json_atomic(tmp / f"arch-{b.slug}.json", arch_doc)
+            if i == 0:
+                write_json_atomic(tmp / "arch.json", arch_doc)
+        png = pareto_plot(result)
+        if png is not None:
+            (tmp / "pareto.png").write_bytes(png)
+    log(f"wrote {out_dir / 'pareto.json'}, {out_dir / 'pareto.png'}, {out_dir / 'arch.json'}")
+    return result
+
+
+def pareto_plot(result: dict[str, Any]) -> bytes | None:
+    """Every candidate's FLOPs against its validation mAP@R, the front, and the choice per budget."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import io
+
+    recs = result["candidates"]
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    ax.scatter([r["flops"] / 1e6 for r in recs], [r["map_at_r"] for r in recs], s=10, alpha=0.4, label="candidates")
+    front = [recs[i] for i in result["pareto_flops"]]
+    ax.plot([r["flops"] / 1e6 for r in front], [r["map_at_r"] for r in front], "-o", ms=3, color="C3", label="Pareto front")
+    for text, r in result["best"].items():
+        ax.scatter([r["flops"] / 1e6], [r["map_at_r"]], marker="*", s=120, color="C2", zorder=5)
+        ax.annotate(text, (r["flops"] / 1e6, r["map_at_r"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("MFLOPs per image (28x28)")
+    ax.set_ylabel("edge->cloud mAP@R (validation split)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def read_arch(path: str):
+    """(Arch, SearchSpace) from an arch.json written by `hetero search` (or a bare arch dict), validated."""
+    from hetero.nas.space import Arch, SearchSpace
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise HeteroError(f"--arch {path} does not exist; pass the arch.json `hetero search` wrote") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HeteroError(f"--arch {path} is not valid JSON ({e.__class__.__name__}); pass the arch.json `hetero search` wrote") from None
+    if not isinstance(doc, dict):
+        raise HeteroError(f"--arch {path} must hold a JSON object")
+    if doc.get("format") == ARCH_FORMAT:
+        space = SearchSpace.from_dict(doc.get("space"))
+        return Arch.from_dict(doc.get("arch"), space), space
+    space = SearchSpace()
+    return Arch.from_dict(doc, space), space

@@ -1,0 +1,161 @@
+"""train-supernet, search and train-edge --arch on the tiny cloud and synthetic data: outputs, resume
+after an interruption, budgets honoured, bad input as one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hetero.cli import main
+from hetero.errors import HeteroError
+
+SN = ["--data", "synthetic", "--limit", "600", "--val-size", "120", "--batch-size", "64", "--quiet"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(code, err, *words):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def supernet(saved, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nas") / "supernet"
+    assert main(["train-supernet", "--cloud", str(saved / "cloud"), "--out", str(out), "--epochs", "1", *SN]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def searched(supernet, saved, tmp_path_factory):
+    from hetero.nas.space import largest, smallest
+    from hetero.nas.supernet import arch_flops
+    from hetero.nas.train import load_supernet
+
+    net, _ = load_supernet(supernet)
+    lo, hi = arch_flops(smallest(net.space), net.space, 16), arch_flops(largest(net.space), net.space, 16)
+    budget = lo + 0.1 * (hi - lo)
+    out = tmp_path_factory.mktemp("nas") / "search"
+    code = main(["search", "--supernet", str(supernet), "--cloud", str(saved / "cloud"), "--data", "synthetic",
+                 "--budget", f"flops={budget / 1e6:.4f}M", "--budget", "params=40k", "--out", str(out),
+                 "--population", "4", "--generations", "1", "--quiet"])
+    assert code == 0
+    return out, budget
+
+
+def test_supernet_directory(supernet, saved):
+    from hetero.checkpoint import load_checkpoint
+    from hetero.nas.train import load_supernet
+
+    net, meta = load_supernet(supernet)
+    assert meta["cloud_space"] == load_checkpoint(saved / "cloud").space and meta["epochs_done"] == 1
+    assert meta["split"] == {"train": 480, "val": 120, "seed": 0, "val_digest": meta["split"]["val_digest"]}
+    hist = meta["history"][0]
+    assert {"largest.total", "smallest.total", "random.total", "smallest.distill"} <= set(hist)
+    assert hist["subnets_per_step"] == 4 and not (supernet / "train_state.pt").exists()  # finished: no resume state
+
+
+def test_resume_after_an_interruption_gives_the_same_weights(saved, synth, tmp_path, monkeypatch):
+    from hetero.checkpoint import load_checkpoint
+    from hetero.data import load_dataset
+    from hetero.nas import train as nt
+
+    cloud = load_checkpoint(saved / "cloud")
+    data = load_dataset("synthetic", "train")
+    cfg = nt.SupernetConfig(epochs=2, batch_size=64, limit=300, val_size=60, n_random=1)
+    nt.train_supernet(cfg, cloud, data, tmp_path / "full", progress=False, log=lambda s: None)
+    real = nt.save_supernet
+
+    def save_then_die(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt  # as if killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(nt, "save_supernet", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        nt.train_supernet(cfg, cloud, data, tmp_path / "cut", progress=False, log=lambda s: None)
+    monkeypatch.setattr(nt, "save_supernet", real)
+    assert nt.load_supernet(tmp_path / "cut")[1]["epochs_done"] == 1
+    with pytest.raises(HeteroError, match="already exists; pass --resume"):
+        nt.train_supernet(cfg, cloud, data, tmp_path / "cut", progress=False, log=lambda s: None)
+    nt.train_supernet(cfg, cloud, data, tmp_path / "cut", resume=True, progress=False, log=lambda s: None)
+    a, b = nt.load_supernet(tmp_path / "full")[0].state_dict(), nt.load_supernet(tmp_path / "cut")[0].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_search_outputs_and_budgets(searched):
+    from hetero.nas.space import Arch, SearchSpace
+
+    out, budget = searched
+    res = json.loads((out / "pareto.json").read_text())
+    assert res["evaluations"] == len(res["candidates"]) >= 4 and res["search_seconds"] > 0
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for f in ("arch.json", "arch-flops-{}M.json".format(f"{budget / 1e6:.4f}"), "arch-params-40k.json"):
+        doc = json.loads((out / f).read_text())
+        Arch.from_dict(doc["arch"], SearchSpace.from_dict(doc["space"]))
+    first = json.loads((out / "arch.json").read_text())
+    assert first["flops"] <= budget and 0 <= first["val_map_at_r"] <= 1
+    assert json.loads((out / "arch-params-40k.json").read_text())["params"] <= 40_000
+    best = max((c for c in res["candidates"] if c["flops"] <= budget), key=lambda c: c["map_at_r"])
+    assert first["val_map_at_r"] == best["map_at_r"]  # the best feasible one evaluated
+    front = [res["candidates"][i] for i in res["pareto_flops"]]
+    assert all(a["flops"] <= b["flops"] and a["map_at_r"] < b["map_at_r"] for a, b in zip(front, front[1:]))
+
+
+def test_train_edge_from_the_searched_arch_exports_and_verifies(searched, supernet, saved, tmp_path, capsys):
+    from hetero.checkpoint import load_checkpoint
+
+    out, _ = searched
+    code, _, err = run(capsys, "train-edge", "--cloud", saved / "cloud", "--out", tmp_path / "edge", "--arch",
+                       out / "arch.json", "--init-from", supernet, "--data", "synthetic", "--limit", "300", "--epochs",
+                       "1", "--quiet")
+    assert code == 0, err
+    ck = load_checkpoint(tmp_path / "edge")
+    assert ck.spec.backbone == "nas_mbv3" and ck.spec.backbone_kwargs["arch"] == json.loads((out / "arch.json").read_text())["arch"]
+    assert run(capsys, "export", "--edge", tmp_path / "edge", "--out", tmp_path / "x", "--formats", "onnx")[0] == 0
+    code, _, err = run(capsys, "verify", "--manifest", tmp_path / "x", "--cloud", saved / "cloud", "--data", "synthetic",
+                       "--out", tmp_path / "v", "--no-latency", "--no-html", "--quiet")
+    assert code in (0, 1), err  # gates may fail on a one-epoch model; it must run
+    assert json.loads((tmp_path / "v" / "report.json").read_text())["verdict"]["ran"] == 2
+
+
+def test_bad_input(supernet, searched, saved, tmp_path, capsys):
+    out, _ = searched
+    common = ["search", "--supernet", supernet, "--cloud", saved / "cloud", "--data", "synthetic", "--out",
+              tmp_path / "s", "--population", "2", "--generations", "0", "--quiet"]
+    code, _, err = run(capsys, *common, "--budget", "flops=1k")
+    one_line_error(code, err, "no architecture in the space meets flops=1k", "smallest achievable")
+    one_line_error(*run(capsys, *common, "--budget", "latency=0.5ms@no-such-device")[::2], "no-such-device")
+    one_line_error(*run(capsys, *common, "--budget", "speed=fast")[::2], "not understood")
+    one_line_error(*run(capsys, *common, "--budget", "params=40k", "--val-limit", "10")[::2], "too few")
+    one_line_error(*run(capsys, *[a if a != saved / "cloud" else saved / "edge" for a in common], "--budget",
+                        "params=40k")[::2], "cloud")
+    assert not (tmp_path / "s").exists()
+    doc = json.loads((out / "arch.json").read_text())
+    doc["arch"]["depths"][1] = 9
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    one_line_error(*run(capsys, "train-edge", "--cloud", saved / "cloud", "--out", tmp_path / "e", "--arch",
+                        tmp_path / "bad.json", "--data", "synthetic", "--quiet")[::2], "arch.depths[1] = 9")
+    assert not (tmp_path / "e").exists()
+
+
+def test_supernet_from_another_cloud_space_is_refused(supernet, saved, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "sn"
+    shutil.copytree(supernet, d)
+    meta = json.loads((d / "supernet.json").read_text())
+    meta["cloud_space"] = "ab" * 32
+    (d / "supernet.json").write_text(json.dumps(meta))
+    code, _, err = run(capsys, "search", "--supernet", d, "--cloud", saved / "cloud", "--data", "synthetic", "--out",
+                       tmp_path / "s", "--budget", "params=40k", "--quiet")
+    one_line_error(code, err, "cloud space abababababab")
