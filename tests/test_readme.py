@@ -20,6 +20,8 @@ SHRINK = {
     "demo": ["--train-limit", "500", "--gallery-limit", "1000", "--query-limit", "200", "--edge-epochs", "1", "--quiet",
              "--gates", "loose.toml"],
     "verify": ["--data", "synthetic", "--quiet", "--no-latency", "--gates", "loose.toml"],
+    "train-supernet": ["--data", "synthetic", "--limit", "400", "--val-size", "100", "--epochs", "1", "--quiet"],
+    "search": ["--data", "synthetic", "--population", "2", "--generations", "0", "--quiet"],
 }
 # one-epoch tiny models miss the project's default gates (gap, flips): the shrunk runs check that the
 # commands work, with gates loose enough to pass; tests/hetero/test_verify.py tests the gates themselves
@@ -73,7 +75,8 @@ def test_readme_shows_the_two_commands_first():
 def test_readme_cli_and_snippets_run(tmp_path):
     cmds = cli_commands()
     assert {c[1] for c in cmds} >= {"train-cloud", "train-edge", "export", "evaluate", "demo", "data", "models", "cache",
-                                    "import-cloud", "fit-classifier", "bench", "devices", "pack-runner", "verify"}
+                                    "import-cloud", "fit-classifier", "bench", "devices", "pack-runner", "verify",
+                                    "train-supernet", "search"}
     write_byo_weights(tmp_path)
     (tmp_path / "loose.toml").write_text(LOOSE_GATES)
     argv = []
