@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import os
 import platform
 import shutil
@@ -39,6 +38,7 @@ from export import export_checkpoint
 from hetero.checkpoint import load_checkpoint
 from hetero.data import load_dataset
 from hetero.models import ModelSpec, create_embedding_model, list_backbones
+from _results import emit  # benchmarks/_results.py, next to this script
 
 ALL = ("coreml", "coreml-fp16", "coreml-int8w", "coreml-palette6", "coreml-palette4")
 MIN_COS = {"fp32": 0.99999, "fp16": 0.999}
@@ -188,12 +188,7 @@ def main() -> int:
                      "coremltools": coremltools_version()},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    md = render(result)
-    print(md)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.md:
-        Path(args.md).write_text(md)
+    emit(result, render(result), args.json, args.md)
     return 0
 
 

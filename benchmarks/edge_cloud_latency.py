@@ -10,7 +10,6 @@ FP32, the `hetero export` path) and timed with the latency harness (`hetero benc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from hetero.checkpoint import Checkpoint, save_checkpoint
 from hetero.cost import count_flops, count_params
 from hetero.data import FASHION_MNIST_PREPROCESS as PREP
 from hetero.models.embedding import ModelSpec, create_embedding_model
+from _results import emit  # benchmarks/_results.py, next to this script
 
 # (name in the README, backbone, kwargs, role)
 MODELS = [
@@ -75,12 +75,7 @@ def main() -> int:
               f"{row['ort']['results'][0]['p50_ms']:.4f} ms", flush=True)
     result = {"benchmark": "edge_cloud_latency", "host": host(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "label": "measured", "rows": rows}
-    md = render(result)
-    print(md)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.md:
-        Path(args.md).write_text(md)
+    emit(result, render(result), args.json, args.md)
     return 0
 
 

@@ -17,7 +17,6 @@ here and scores edge->cloud mAP@R against torch. Prints a table with the targets
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from hetero.data import load_dataset
 from hetero.embed import cloud_targets, embed_images
 from hetero.metrics import retrieval_metrics
 from hetero.report import host_info
+from _results import emit  # benchmarks/_results.py, next to this script
 
 MIN_COS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 TOP10 = {"fp16": 0.99, "int8": 0.95}
@@ -105,12 +105,7 @@ def main() -> int:
               "queries": f"{test.name} ({len(test)})", "gallery": f"{train.name} ({len(train)}), cloud embeddings",
               "torch_map_at_r": base, "export_seconds": export_s, "export_target_s": EXPORT_SECONDS,
               "rows": rows, "skipped": manifest.get("skipped", []), "host": host, "label": "measured"}
-    md = render(result)
-    print(md)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.md:
-        Path(args.md).write_text(md)
+    emit(result, render(result), args.json, args.md)
     shutil.rmtree(out.parent, ignore_errors=True)
     return 0
 

@@ -126,7 +126,7 @@ def main() -> int:
     queries = test.subset(2000) if args.smoke else test
     g_cloud = np.asarray(cloud_targets(cloud, train))
     q_cloud = embed_images(cloud.model, queries, cloud.preprocess)
-    state.update({"host": host_info(), "cloud": str(args.cloud or "shipped fmnist-resnet20"), "recipe": recipe,
+    state.update({"label": "measured", "host": host_info(), "cloud": str(args.cloud or "shipped fmnist-resnet20"), "recipe": recipe,
                   "edge_epochs": e_epochs, "supernet_epochs": sn_epochs, "smoke": args.smoke,
                   "cloud_flops": count_flops(cloud.model, cloud.input_shape)})
     state.setdefault("rows", [])

@@ -295,7 +295,8 @@ def search(supernet: str, cloud: str, budgets: list[str], *, data: str | None = 
     seconds = time.perf_counter() - t_search
     records = list(ev.records.values())
     result = {
-        "schema": SCHEMA, "supernet": str(supernet), "cloud": str(cloud), "cloud_space": cloud_ckpt.space,
+        "schema": SCHEMA, "label": "measured (rewards on the validation split; latency, if any, timed on this host)",
+        "supernet": str(supernet), "cloud": str(cloud), "cloud_space": cloud_ckpt.space,
         "space": meta["space"], "config": asdict(cfg), "budgets": [asdict(b) for b in parsed],
         "validation": {"queries": len(ev.val_set), "gallery": len(ev.gallery_set),
                        "note": "validation split carved from the training split; gallery = the rest, cloud-embedded"},

@@ -30,8 +30,10 @@ class Pair:
 
 
 def _one_line(e: BaseException) -> str:
+    """The first line of an error; the class name too unless it is one of hetero's own."""
     text = str(e).strip().splitlines()
-    return f"{e.__class__.__name__}: {text[0] if text else ''}".strip() if not isinstance(e, HeteroError) else text[0]
+    first = text[0] if text else ""
+    return first if isinstance(e, HeteroError) and first else f"{e.__class__.__name__}: {first}".rstrip(": ")
 
 
 def plan_pairs(manifest: dict[str, Any], only: list[str] | None = None) -> tuple[list[Pair], list[dict[str, Any]]]:
