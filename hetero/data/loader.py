@@ -70,13 +70,15 @@ def iterate_batches(
     seed: int = 0,
     augment: bool = False,
     drop_last: bool = False,
+    indices: np.ndarray | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Batches ``(x float32 [B,C,H,W], y int64 [B], idx int64 [B])``, preprocessed one at a time.
 
     ``shuffle`` permutes with ``seed`` (pass a different seed per epoch). ``augment`` adds a random
     horizontal flip and a random crop after padding 2 px of black (fill 0 before normalisation,
-    as torchvision does), drawn from a generator seeded with ``seed``. Arguments are checked at
-    call time, not at the first ``next``.
+    as torchvision does), drawn from a generator seeded with ``seed``. ``indices``: draw exactly these
+    rows, in this order (``shuffle`` is then ignored); a resumed or sharded (DDP) training loop
+    passes its own order. Arguments are checked at call time, not at the first ``next``.
     """
     want = (prep.size, prep.size, prep.channels)
     if tuple(ds.images.shape[1:]) != want:
@@ -87,14 +89,22 @@ def iterate_batches(
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise HeteroError(f"batch size must be a positive integer, got {batch_size!r}")
-    return _batches(ds, prep, batch_size, shuffle, seed, augment, drop_last)
+    if indices is not None:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= len(ds))):
+            raise HeteroError(f"{ds.name}: batch indices must be a 1-D array within 0..{len(ds) - 1}")
+    return _batches(ds, prep, batch_size, shuffle, seed, augment, drop_last, indices)
 
 
 def _batches(
-    ds: ImageSet, prep: Preprocess, batch_size: int, shuffle: bool, seed: int, augment: bool, drop_last: bool
+    ds: ImageSet, prep: Preprocess, batch_size: int, shuffle: bool, seed: int, augment: bool, drop_last: bool,
+    indices: np.ndarray | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    n = len(ds)
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    if indices is not None:
+        order = indices
+    else:
+        order = np.random.default_rng(seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
+    n = len(order)
     gen = torch.Generator().manual_seed(seed) if augment else None
     fill = torch.tensor([-m / s for m, s in zip(prep.mean, prep.std)], dtype=torch.float32)
     stop = n - n % batch_size if drop_last else n

@@ -215,6 +215,8 @@ def evolve(ev: Evaluator, budget: Budget, cfg: SearchConfig, rng: random.Random,
         return r["map_at_r"]
 
     pop = {}
+    for a in _evaluated_within(ev, budget)[:max(1, int(round(cfg.parents * cfg.population)))]:
+        pop[a.key()] = a  # warm start: the best candidates an earlier budget already scored that fit this one
     for _ in range(5 * cfg.population):  # a tight budget may hold fewer distinct archs than the population
         if len(pop) >= cfg.population:
             break
@@ -237,10 +239,26 @@ def evolve(ev: Evaluator, budget: Budget, cfg: SearchConfig, rng: random.Random,
                 children[c.key()] = c
         scored = sorted({a.key(): a for a in parents + list(children.values())}.values(), key=score, reverse=True)
         scored = scored[:cfg.population]
-    best = scored[0]
+    best = _evaluated_within(ev, budget)[0]  # the best of every candidate scored so far that fits, not only this run's
     rec = dict(ev.reward(best))
     rec["cost"] = ev.cost(best, budget)
     return rec
+
+
+def _evaluated_within(ev: Evaluator, budget: Budget) -> list:
+    """Every already-scored arch whose cost fits ``budget``, best reward first (latency: only archs
+    already timed on the profile, so this never starts a measurement)."""
+    from hetero.nas.space import Arch
+
+    fits = []
+    for key, rec in ev.records.items():
+        a = Arch.from_dict(rec["arch"], ev.net.space)
+        if budget.kind == "latency" and (key, budget.profile) not in ev._latency:
+            continue
+        if ev.cost(a, budget) <= budget.value:
+            fits.append((rec["map_at_r"], a))
+    fits.sort(key=lambda t: t[0], reverse=True)
+    return [a for _, a in fits]
 
 
 def _fmt(x: float) -> str:
