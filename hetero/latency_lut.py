@@ -186,6 +186,15 @@ def _describe_basic(m: nn.Module) -> tuple[str, dict[str, Any]]:
                            "kernel": list(m.conv1.kernel_size), "stride": list(m.conv1.stride), "shortcut": shortcut}
 
 
+def _describe_inverted_residual(m: nn.Module) -> tuple[str, dict[str, Any]]:
+    """A ``nas_mbv3`` block (1x1 expand, depthwise kxk, optional squeeze-excite, 1x1 project)."""
+    dw = m.dw[0]
+    se = not isinstance(m.se, nn.Identity)
+    return "inverted_residual", {"cin": m.expand[0].in_channels, "mid": dw.in_channels, "cout": m.project[0].out_channels,
+                                 "kernel": list(dw.kernel_size), "stride": list(dw.stride), "se": se,
+                                 "hidden": m.se.fc1.out_channels if se else 0, "residual": bool(m.residual)}
+
+
 def _describe_head(m: Head) -> tuple[str, dict[str, Any]]:
     pool = type(m.pool).__name__
     if m.proj is None:
@@ -204,10 +213,12 @@ def register_block(cls: type, describe: Callable[[nn.Module], tuple[str, dict[st
 def _register_defaults() -> None:
     from hetero.models.mobilenet import DepthwiseSeparable
     from hetero.models.resnet import BasicBlock
+    from hetero.nas.static import InvertedResidual
 
     register_block(nn.Sequential, _describe_stem)
     register_block(DepthwiseSeparable, _describe_dws)
     register_block(BasicBlock, _describe_basic)
+    register_block(InvertedResidual, _describe_inverted_residual)
     register_block(Head, _describe_head)
 
 

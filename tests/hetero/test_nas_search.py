@@ -159,3 +159,30 @@ def test_supernet_from_another_cloud_space_is_refused(supernet, saved, tmp_path,
     code, _, err = run(capsys, "search", "--supernet", d, "--cloud", saved / "cloud", "--data", "synthetic", "--out",
                        tmp_path / "s", "--budget", "params=40k", "--quiet")
     one_line_error(code, err, "cloud space abababababab")
+
+
+def test_latency_budget_from_the_look_up_table(tmp_path):
+    """Latency predicted from the devices layer's table: blocks measured once into the file, overhead
+    calibrated once, a second search reads the table and measures nothing; a table of another
+    profile is refused. (A one-arch-per-gene tiny space keeps the ONNX exports few.)"""
+    from hetero import latency_lut as L
+    from hetero.nas.search import lut_latency
+    from hetero.nas.space import SearchSpace, largest, smallest
+    from hetero.nas.supernet import Supernet
+
+    torch.manual_seed(0)
+    sp = SearchSpace(stem=8, stages=((8, 1, 1), (8, 1, 2)), kernels=(3, 5), expands=(2,), widths=(1.0,), se=(False,))
+    net = Supernet(sp, 16).eval()
+    lut = tmp_path / "lut.json"
+    ms = lut_latency(net, smallest(sp), lut, "host-cpu-1thread")
+    table = L.load_table(lut)
+    assert ms > 0 and table["overhead_ms"] is not None and table["profile"] == "host-cpu-1thread"
+    blocks = L.decompose(net.extract(largest(sp)), (1, 28, 28), 16)
+    assert [b.type for b in blocks] == ["conv_bn_relu", "inverted_residual", "inverted_residual", "head"]
+    assert not L.missing_blocks(blocks, table)  # the calibration subnets covered the largest one's blocks
+    expect = sum(table["entries"][b.key("host-cpu-1thread", 1)][table["stat"]] for b in blocks) + table["overhead_ms"]
+    before = lut.read_bytes()
+    assert lut_latency(net, largest(sp), lut, "host-cpu-1thread") == pytest.approx(expect)
+    assert lut.read_bytes() == before  # nothing measured again
+    with pytest.raises(HeteroError, match="measured on profile host-cpu-1thread"):
+        lut_latency(net, largest(sp), lut, "host-cpu")
