@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,17 +93,69 @@ def load_manifest(export_dir: str | Path) -> dict[str, Any]:
         raise DeviceError(f"{export_dir} has no {MANIFEST}; pass a directory written by `hetero export`")
     try:
         manifest = json.loads((d / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise DeviceError(f"{d / MANIFEST} is not valid JSON ({e.__class__.__name__}); re-run `hetero export`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("artifacts"), list):
         raise DeviceError(f"{d / MANIFEST} is not a hetero export manifest; re-run `hetero export`")
-    for entry in manifest["artifacts"]:
-        if not isinstance(entry, dict):
-            raise DeviceError(f"{d / MANIFEST} has a malformed artifact entry; re-run `hetero export`")
+    why = _header_problem(manifest)
+    if why:
+        raise DeviceError(f"{d / MANIFEST} is malformed ({why}); re-run `hetero export`")
+    for i, entry in enumerate(manifest["artifacts"]):
+        why = _entry_problem(entry)
+        if why:
+            raise DeviceError(f"{d / MANIFEST} has a malformed artifact entry #{i + 1} ({why}); re-run `hetero export`")
         if entry.get("file") is not None:
             resolve_inside(d, entry["file"])
     manifest["_dir"] = str(d)
     return manifest
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _header_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with the manifest's own fields that runners and verify read, if anything."""
+    if not _is_count(m.get("dim")):
+        return f"dim {m.get('dim')!r} is not a positive whole number"
+    for key in ("space", "name"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            return f"{key} must be a string"
+    if m.get("classes") is not None and not (isinstance(m["classes"], list) and all(isinstance(c, str) for c in m["classes"])):
+        return "classes must be a list of names"
+    model = m.get("model")
+    if model is not None:
+        if not isinstance(model, dict):
+            return "model must be an object"
+        for key in ("checkpoint", "checkpoint_fingerprint", "role", "name"):
+            if model.get(key) is not None and not isinstance(model[key], str):
+                return f"model.{key} must be a string"
+    if m.get("preprocess") is not None and not isinstance(m["preprocess"], dict):
+        return "preprocess must be an object"
+    return None
+
+
+def _entry_problem(e: Any) -> str | None:
+    """What is wrong with an artifact entry, if anything (an entry with no file is a build recipe)."""
+    if not isinstance(e, dict):
+        return "not an object"
+    if not isinstance(e.get("format"), str) or not e["format"]:
+        return "no format"
+    for key in ("precision", "export_format"):
+        if e.get(key) is not None and not isinstance(e[key], str):
+            return f"{key} must be a string"
+    if e.get("file") is None:
+        return None
+    if not isinstance(e.get("sha256"), str):
+        return "no sha256"
+    for key in ("input", "output"):
+        io = e.get(key)
+        if not isinstance(io, dict) or not isinstance(io.get("name"), str):
+            return f"no {key} name"
+    shape = e["input"].get("shape")
+    if not isinstance(shape, list) or len(shape) < 2 or not all(_is_count(n) for n in shape[1:]):
+        return f"input shape {shape!r} is not [batch, positive sizes...]"
+    return None
 
 
 def checked_file(export_dir: Path, entry: dict[str, Any]) -> Path:
@@ -111,6 +164,16 @@ def checked_file(export_dir: Path, entry: dict[str, Any]) -> Path:
     path = resolve_inside(export_dir, entry["file"])
     if not path.exists():
         raise DeviceError(f"{path} listed in {MANIFEST} is missing; re-run `hetero export`")
+    if path.is_dir():  # a .mlpackage: no link inside it may lead out of the export directory either
+        root = Path(export_dir).resolve()
+        for base, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    (Path(base) / name).resolve().relative_to(root)
+                except ValueError:
+                    rel = (Path(base) / name).relative_to(export_dir).as_posix()
+                    raise DeviceError(f"{rel} in {export_dir} links outside the export directory; refusing it "
+                                      "(re-run `hetero export`)") from None
     if sha256_path(path) != entry.get("sha256"):
         raise DeviceError(f"{path} does not match its sha256 in {MANIFEST}; the file is corrupt or was replaced, re-run `hetero export`")
     return path

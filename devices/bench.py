@@ -168,6 +168,12 @@ def check_result(obj: Any, where: str = "latency JSON") -> dict[str, Any]:
     """A latency result read back from JSON, or a one-line error."""
     if not isinstance(obj, dict) or obj.get("schema") != SCHEMA or not isinstance(obj.get("results"), list):
         raise DeviceError(f"{where} is not a hetero latency result ({SCHEMA}); produce one with `hetero bench --json`")
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    rows_ok = all(isinstance(r, dict) and isinstance(r.get("batch"), int) and num(r.get("p50_ms")) for r in obj["results"])
+    if not rows_ok or not isinstance(obj.get("artifact"), dict) or not isinstance(obj["artifact"].get("path"), str) \
+            or not isinstance(obj.get("runtime"), str) or not isinstance(obj.get("label"), str):
+        raise DeviceError(f"{where} is a damaged {SCHEMA} result (runtime, label, artifact.path, results[].batch and "
+                          "p50_ms are required); re-run `hetero bench --json`")
     return obj
 
 

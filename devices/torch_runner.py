@@ -39,7 +39,7 @@ class TorchRunner(Runner):
             meta = json.loads((d / CHECKPOINT_FILE).read_text())
             pre, dim = meta["preprocess"], int(meta["model"]["dim"])
             shape = [int(pre["channels"]), int(pre["size"]), int(pre["size"])]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             raise DeviceError(f"{d} is not a hetero checkpoint (no readable {CHECKPOINT_FILE}); pass a directory "
                               "written by hetero train-cloud / train-edge") from None
         entry = {"format": "checkpoint", "precision": "fp32", "file": d.name, "sha256": meta.get("weights_sha256"),

@@ -44,7 +44,7 @@ def _is_hetero_export(d: Path) -> bool:
 
     try:
         return json.loads((d / FILENAME).read_text()).get("format") == MANIFEST_FORMAT
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 

@@ -21,8 +21,55 @@ from torch import nn
 from hetero.errors import HeteroError, require
 
 
-def create_external(spec) -> nn.Module:
-    """Build the network of a ``torchvision`` or ``factory`` ModelSpec (random init, nothing downloaded)."""
+TRUST_ENV = "HETERO_TRUSTED_FACTORIES"
+
+
+def _trust_file() -> Path:
+    from hetero.embed import cache_dir
+
+    return cache_dir() / "trusted-factories.json"
+
+
+def trusted_factories() -> set[str]:
+    """Factories hetero may call when it rebuilds a checkpoint: those imported on this machine with
+    ``hetero import-cloud --factory`` (recorded in the cache directory) and those listed, comma
+    separated, in ``$HETERO_TRUSTED_FACTORIES``."""
+    import json
+    import os
+
+    names = {n.strip() for n in os.environ.get(TRUST_ENV, "").split(",") if n.strip()}
+    try:
+        doc = json.loads(_trust_file().read_text())
+        names |= {n for n in doc.get("factories", []) if isinstance(n, str)} if isinstance(doc, dict) else set()
+    except (OSError, ValueError, RecursionError):
+        pass
+    return names
+
+
+def trust_factory(name: str) -> None:
+    """Record ``name`` (module:callable) as trusted on this machine (what import-cloud does)."""
+    from hetero._atomic import write_json_atomic
+
+    import json
+
+    try:
+        doc = json.loads(_trust_file().read_text())
+        names = {n for n in doc.get("factories", []) if isinstance(n, str)} if isinstance(doc, dict) else set()
+    except (OSError, ValueError, RecursionError):
+        names = set()
+    if name not in names:
+        path = _trust_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"factories": sorted(names | {name}),
+                                 "note": "module:callable factories `hetero import-cloud` was given on this machine"})
+
+
+def create_external(spec, *, trusted: bool = False) -> nn.Module:
+    """Build the network of a ``torchvision`` or ``factory`` ModelSpec (random init, nothing downloaded).
+
+    A factory is code that a checkpoint's ``hetero.json`` names, so a checkpoint someone handed over
+    could name anything: it is called only if ``trusted`` (import-cloud, where the user typed it) or
+    listed by :func:`trusted_factories`."""
     kwargs = dict(spec.backbone_kwargs)
     if spec.kind == "torchvision":
         tv = require("torchvision", "byo")
@@ -38,10 +85,16 @@ def create_external(spec) -> nn.Module:
         module_name, _, attr = spec.backbone.partition(":")
         if not module_name or not attr:
             raise HeteroError(f"--factory must look like package.module:callable, got {spec.backbone!r}")
+        _refuse_unsafe_module(spec.backbone, module_name)
+        if not trusted and spec.backbone not in trusted_factories():
+            raise HeteroError(f"this checkpoint builds its model by calling {spec.backbone} (named in its hetero.json), "
+                              "which was not imported on this machine; if you trust its sender, add it to "
+                              f"${TRUST_ENV} (or run `hetero import-cloud --factory {spec.backbone}` here)")
         try:
             fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
+        except (ImportError, AttributeError, ValueError, TypeError) as e:
             raise HeteroError(f"cannot import {spec.backbone} ({e}); check the module is importable (PYTHONPATH) and the name") from None
+        _refuse_unsafe_callable(spec.backbone, fn)
         try:
             net = fn(**kwargs)
         except Exception as e:  # user code: any failure becomes one line
@@ -50,6 +103,36 @@ def create_external(spec) -> nn.Module:
             raise HeteroError(f"{spec.backbone} returned {type(net).__name__}, not a torch.nn.Module")
         return net
     raise HeteroError(f"unknown model kind {spec.kind!r}; the checkpoint is damaged")
+
+
+# A checkpoint's hetero.json names its factory, so loading one calls module:callable(**kwargs) from a file
+# someone may have handed over: the standard library and libraries that read or run files (os:system,
+# numpy:load, torch.hub:load, ...) are refused; an nn.Module class or a function of your own module is fine.
+_UNSAFE_PACKAGES = {"torch", "torchvision", "numpy", "pandas", "scipy", "joblib", "dill", "cloudpickle", "yaml",
+                    "onnx", "onnxruntime", "coremltools", "safetensors", "hetero", "export", "devices", "pip",
+                    "setuptools", "pkg_resources", "IPython", "matplotlib", "PIL", "requests", "urllib3", "fsspec",
+                    "huggingface_hub", "transformers", "timm", "hypothesis", "pytest", "_pytest"}
+
+
+def _refuse_unsafe_module(name: str, module_name: str) -> None:
+    import sys
+
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top in _UNSAFE_PACKAGES:
+        if top in ("torch", "torchvision") and module_name.split(".")[:2] in (["torch", "nn"], ["torchvision", "models"]):
+            return  # their nn.Module classes (checked once imported)
+        raise HeteroError(f"--factory {name}: {top} is not a model factory module; refusing to call into it "
+                          "(give a function of your own module, or an nn.Module class)")
+
+
+def _refuse_unsafe_callable(name: str, fn: Any) -> None:
+    import inspect
+
+    if inspect.isclass(fn) and issubclass(fn, nn.Module):
+        return
+    if not inspect.isfunction(fn) or fn.__module__.split(".")[0] in _UNSAFE_PACKAGES:
+        raise HeteroError(f"--factory {name} is not a Python function of your own module nor an nn.Module class; "
+                          "refusing to call it")
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -84,6 +167,12 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _check_no_nan(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    bad = next((k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())), None)
+    if bad is not None:
+        raise HeteroError(f"--weights {path}: tensor {bad!r} holds NaN values; pass weights from a run that did not diverge")
+
+
 def import_cloud(kind: str, name: str, weights: str | Path, dim: int, prep, *, model_kwargs: dict[str, Any] | None = None,
                  classes: tuple[str, ...] = ()):
     """Wrap, load, check and freeze a BYO model as a cloud Checkpoint (no classifier yet)."""
@@ -91,8 +180,9 @@ def import_cloud(kind: str, name: str, weights: str | Path, dim: int, prep, *, m
     from hetero.models.embedding import ExternalEmbeddingModel, ModelSpec
 
     spec = ModelSpec(name, dim, dict(model_kwargs or {}), kind=kind)
-    model = ExternalEmbeddingModel(create_external(spec), dim)
+    model = ExternalEmbeddingModel(create_external(spec, trusted=True), dim)
     state = load_weights_file(weights)
+    _check_no_nan(state, weights)
     try:
         model.net.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -115,6 +205,8 @@ def import_cloud(kind: str, name: str, weights: str | Path, dim: int, prep, *, m
     ckpt = Checkpoint("cloud", spec, model, None, prep, tuple(classes), space="",
                       config={"imported": {"kind": kind, "name": name, "weights": str(weights)}})
     ckpt.space = ckpt.fingerprint
+    if kind == "factory":  # the user typed it: checkpoints naming it may call it on this machine from now on
+        trust_factory(name)
     return ckpt
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hetero._atomic import atomic_dir, sha256_file, write_json_atomic
@@ -83,7 +83,10 @@ def save_checkpoint(ckpt: Checkpoint, dest: str | Path, overwrite: bool = False)
     dest = Path(dest)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in _state(ckpt.model, ckpt.classifier).items()}
-        save_file(state, str(tmp / WEIGHTS))
+        try:
+            save_file(state, str(tmp / WEIGHTS))
+        except SafetensorError as e:  # e.g. a full disk; the message says which
+            raise HeteroError(f"cannot write {dest / WEIGHTS} ({str(e).strip().splitlines()[0]})") from None
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -120,13 +123,20 @@ def load_checkpoint(path: str | Path, role: str | tuple[str, ...] | None = None)
     p = _resolve(path)
     try:
         meta = json.loads((p / META).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise HeteroError(f"{p / META} is not valid JSON ({e.__class__.__name__}); the checkpoint is corrupt, re-train or re-copy it") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise HeteroError(f"{p} is not a hetero checkpoint ({META} has no format={FORMAT!r})")
     if meta.get("version") != VERSION:
         raise HeteroError(f"{p}: checkpoint version {meta.get('version')} is not supported (expected {VERSION}); upgrade hetero")
     roles = (role,) if isinstance(role, str) else role
+    if meta.get("role") not in ROLES:
+        raise HeteroError(f"{p}: {META} has role {meta.get('role')!r}, not one of {', '.join(ROLES)}; the checkpoint is corrupt")
+    for key, kind in (("classes", list), ("config", dict), ("info", dict), ("space", str), ("fingerprint", str)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise HeteroError(f"{p}: {META} field {key!r} must be a {kind.__name__}; the checkpoint is corrupt")
+    if not all(isinstance(c, str) for c in meta.get("classes", ())):
+        raise HeteroError(f"{p}: {META} classes must be names; the checkpoint is corrupt")
     if roles and meta.get("role") not in roles:
         raise HeteroError(f"{p} is a {meta.get('role')} checkpoint, expected {' or '.join(roles)}")
     wpath = p / WEIGHTS
@@ -137,14 +147,31 @@ def load_checkpoint(path: str | Path, role: str | tuple[str, ...] | None = None)
     try:
         spec = ModelSpec.from_dict(meta["model"])
         prep = Preprocess.from_dict(meta["preprocess"])
-        model = create_embedding_model(spec, prep.channels)
-        classifier = None
-        if meta.get("classifier"):
-            c = meta["classifier"]
-            classifier = CosineClassifier(spec.dim, int(c["num_classes"]), float(c["scale"]), float(c["margin"]))
+        c = meta.get("classifier")
+        if c is not None and not isinstance(c, dict):
+            raise TypeError("classifier must be an object or null")
+
+        def build():
+            clf = CosineClassifier(spec.dim, int(c["num_classes"]), float(c["scale"]), float(c["margin"])) if c else None
+            return create_embedding_model(spec, prep.channels), clf
+
+        if spec.kind == "hetero":  # shapes first, on the meta device: a damaged JSON must not allocate 10^12 floats
+            with safe_open(str(wpath), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            with torch.device("meta"):
+                want = {k: tuple(v.shape) for k, v in _state(*build()).items()}
+            if want != shapes:
+                diff = sorted(set(want) ^ set(shapes)) or sorted(k for k in want if want[k] != shapes[k])
+                raise HeteroError(f"{p}: {WEIGHTS} does not fit the model {META} describes (first difference: "
+                                  f"{diff[0]}); the checkpoint is corrupt")
+        model, classifier = build()
         state = load_file(str(wpath))
-    except (SafetensorError, KeyError, TypeError, ValueError) as e:
-        raise HeteroError(f"{p}: cannot rebuild the model ({e}); the checkpoint is corrupt") from None
+    except (SafetensorError, KeyError, TypeError, ValueError, OverflowError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise HeteroError(f"{p}: cannot rebuild the model ({first}); the checkpoint is corrupt") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())), None)
+    if bad is not None:
+        raise HeteroError(f"{p}: weight {bad!r} holds NaN values (training diverged?); re-train with a lower --lr")
     model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     cls_state = {k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")}
     try:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from hetero.errors import HeteroError
+from hetero.errors import HeteroError, Terminated, write_failure
 
 
 def _load_config_file(path: str | None) -> dict[str, Any]:
@@ -18,12 +20,16 @@ def _load_config_file(path: str | None) -> dict[str, Any]:
         raise HeteroError(f"--config {path}: no such file; pass a TOML or JSON file of training options")
     try:
         if p.suffix == ".json":
-            return dict(json.loads(p.read_text()))
-        import tomllib
+            doc = json.loads(p.read_text())
+        else:
+            import tomllib
 
-        return dict(tomllib.loads(p.read_text()))
-    except (ValueError, TypeError) as e:
-        raise HeteroError(f"--config {path} cannot be parsed ({e}); fix the file") from None
+            doc = tomllib.loads(p.read_text())
+    except (ValueError, TypeError, RecursionError, OSError) as e:
+        raise HeteroError(f"--config {path} cannot be parsed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); fix the file") from None
+    if not isinstance(doc, dict):
+        raise HeteroError(f"--config {path} must hold a table (JSON object) of training options, got {type(doc).__name__}")
+    return doc
 
 
 def _parse_kv(text: str | None, what: str) -> dict[str, Any] | None:
@@ -34,8 +40,8 @@ def _parse_kv(text: str | None, what: str) -> dict[str, Any] | None:
     if text.startswith("{"):
         try:
             return dict(json.loads(text))
-        except ValueError as e:
-            raise HeteroError(f"{what}: invalid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise HeteroError(f"{what}: invalid JSON ({type(e).__name__}: {str(e)[:100]})") from None
     out: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
@@ -43,7 +49,7 @@ def _parse_kv(text: str | None, what: str) -> dict[str, Any] | None:
         k, v = part.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)
-        except ValueError:
+        except (ValueError, RecursionError):
             out[k.strip()] = v.strip()
     return out
 
@@ -64,7 +70,9 @@ def _nest(flat: dict[str, Any] | None) -> dict[str, dict[str, Any]] | None:
     return out
 
 
-def _train_config(args: argparse.Namespace, **fixed: Any):
+def _train_config(args: argparse.Namespace, resume: dict[str, Any] | None = None, **fixed: Any):
+    """The TrainConfig from --config and flags; with ``resume`` (an interrupted run's config) that one,
+    after refusing any flag that contradicts it."""
     from hetero.train import TrainConfig
 
     known = set(TrainConfig.__dataclass_fields__)
@@ -81,6 +89,16 @@ def _train_config(args: argparse.Namespace, **fixed: Any):
         cli["targets"] = args.targets
     values.update({k: v for k, v in cli.items() if v is not None})
     values.update(fixed)
+    if resume is not None:
+        from hetero._resume import plain
+
+        differ = [k for k, v in values.items() if plain(v) != resume.get(k)]
+        if differ:
+            flags = ", ".join("--loss" if k == "losses" else "--" + k.replace("_", "-") for k in differ)
+            k = differ[0]
+            raise HeteroError(f"--resume: {flags} contradict(s) the interrupted run's options ({k} was {resume.get(k)!r}, "
+                              f"now {values[k]!r}); leave them out (a resumed run keeps its own options)")
+        values = dict(resume)
     try:
         return TrainConfig(**values)
     except TypeError as e:
@@ -88,7 +106,7 @@ def _train_config(args: argparse.Namespace, **fixed: Any):
 
 
 def _add_train_args(p: argparse.ArgumentParser, default_model: str) -> None:
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--out", help="checkpoint directory to write (required unless --resume)")
     p.add_argument("--data", help="dataset folder (Fashion-MNIST IDX files or an ImageFolder); default: Fashion-MNIST")
     p.add_argument("--model", help=f"backbone name (default {default_model}; see `hetero models`)")
     p.add_argument("--model-kwargs", help="backbone options, e.g. width=32,depth=20")
@@ -103,8 +121,14 @@ def _add_train_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--augment", action="store_true", help="random flips and 2-px shifts")
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="TOML/JSON file of training options; flags override it")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and a left-over --state-dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="save the training state every N steps, and at each epoch end (default 200; 0: epoch ends only)")
+    p.add_argument("--state-dir", metavar="DIR", help="where the training state lives while the run lasts (default "
+                                                      "<out>.resume next to --out; deleted once the checkpoint is written)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run whose state is in DIR, with its own "
+                                                   "options and paths (flags that contradict them are refused)")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -138,6 +162,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.clear:
         gone = clear_cache(args.space)
         print(f"deleted {len(gone)} cached embedding file(s), {sum(r['bytes'] for r in gone) / 1e6:.1f} MB, from {where}")
+        images = cache_dir() / "images"
+        if args.space is None and images.is_dir():  # decoded ImageFolder pixels and file hashes (HETERO_IMAGE_CACHE)
+            files = [f for f in images.iterdir() if f.is_file() and f.name.endswith((".npy", ".sha256", ".tmp"))]
+            size = sum(f.stat().st_size for f in files)
+            for f in files:
+                f.unlink(missing_ok=True)
+            print(f"deleted {len(files)} decoded-image cache file(s), {size / 1e6:.1f} MB, from {images}")
         return 0
     rows = cache_entries(args.space)
     for r in rows:
@@ -149,73 +180,138 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_train_cloud(args: argparse.Namespace) -> int:
+    from hetero import distributed
     from hetero._atomic import check_writable_dest
+    from hetero._resume import absolute, cli_snapshots, continue_from, interrupted, recorded
     from hetero.checkpoint import save_checkpoint
     from hetero.data import FASHION_MNIST_PREPROCESS, Preprocess, load_dataset
     from hetero.train import train_cloud
 
-    if not args.model:
-        args.model = "resnet20"
-    cfg = _train_config(args)
+    distributed.init()
+    state = None
+    if args.resume:
+        state = continue_from(args.resume, "train-cloud")
+        run = state["meta"]["run"]
+        args.out, args.data = recorded("--out", args.out, run["out"]), recorded("--data", args.data, run["data"])
+        args.overwrite = args.overwrite or bool(run.get("overwrite"))
+        cfg = _train_config(args, resume=state["meta"]["config"])
+    else:
+        if not args.out:
+            raise HeteroError("train-cloud needs --out DIR (the checkpoint to write), or --resume DIR to continue an "
+                              "interrupted run")
+        if not args.model:
+            args.model = "resnet20"
+        cfg = _train_config(args)
     check_writable_dest(Path(args.out), args.overwrite)
-    train = load_dataset(args.data, "train", progress=not args.quiet)
+    snaps = cli_snapshots(args, "train-cloud", state, {"command": "train-cloud", "out": absolute(args.out),
+                                                       "data": absolute(args.data), "overwrite": args.overwrite},
+                          main=distributed.is_main())
+    distributed.barrier()
+    train = load_dataset(args.data, "train", progress=not args.quiet and distributed.is_main())
     c = train.images.shape[-1]
     if train.name.startswith("fashion-mnist"):
         prep = FASHION_MNIST_PREPROCESS
+    elif train.lazy:  # statistics of the training images, per channel, streamed from the files
+        from hetero.data.loader import pixel_stats
+
+        mean, std = pixel_stats(train)
+        prep = Preprocess(train.images.shape[1], c, mean, tuple(max(s, 1e-3) for s in std))
     else:  # statistics of the training images, per channel
         x = train.images.reshape(-1, c).astype("float64") / 255.0
         prep = Preprocess(train.images.shape[1], c, tuple(x.mean(0).tolist()), tuple(x.std(0).clip(1e-3).tolist()))
-    ckpt = train_cloud(cfg, train, prep, progress=not args.quiet)
-    save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
-    print(f"cloud checkpoint: {args.out} (space {ckpt.space[:12]}, last epoch loss {ckpt.info['history'][-1]['total']:.4f})")
+    try:
+        ckpt = train_cloud(cfg, train, prep, progress=not args.quiet, snapshots=snaps)
+        if distributed.is_main():  # under torchrun only rank 0 writes
+            save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:
+        raise interrupted(e, snaps, "train-cloud") from None
+    if distributed.is_main():
+        snaps.remove()
+        print(f"cloud checkpoint: {args.out} (space {ckpt.space[:12]}, last epoch loss {ckpt.info['history'][-1]['total']:.4f})")
+    distributed.barrier()
     return 0
 
 
 def cmd_train_edge(args: argparse.Namespace) -> int:
+    from hetero import distributed
     from hetero._atomic import check_writable_dest
+    from hetero._resume import absolute, cli_snapshots, continue_from, interrupted, recorded
     from hetero.checkpoint import load_checkpoint, save_checkpoint
     from hetero.data import load_dataset
     from hetero.train import train_edge
 
+    distributed.init()
     init_state = None
-    if args.init_from and not args.arch:
-        raise HeteroError("--init-from SUPERNET needs --arch arch.json (the subnet to take from it)")
-    if args.arch:
-        from hetero.nas.search import read_arch
+    state = None
+    if args.resume:
+        state = continue_from(args.resume, "train-edge")
+        run = state["meta"]["run"]
+        if args.arch or args.init_from:
+            raise HeteroError("--resume: the model (and the weights it started from) are in the interrupted run's state; "
+                              "leave out --arch and --init-from")
+        args.out, args.data = recorded("--out", args.out, run["out"]), recorded("--data", args.data, run["data"])
+        args.cloud = recorded("--cloud", args.cloud, run["cloud"])
+        args.overwrite = args.overwrite or bool(run.get("overwrite"))
+        cloud = load_checkpoint(args.cloud, role="cloud")
+        if cloud.space != run.get("cloud_space"):
+            raise HeteroError(f"--resume {args.resume}: the cloud {args.cloud} is now space {cloud.space[:12]}, but the run "
+                              f"was training into {str(run.get('cloud_space'))[:12]}; restore that cloud, or start again")
+        cfg = _train_config(args, resume=state["meta"]["config"], **({"compat": False} if args.no_compat else {}))
+    else:
+        if not args.out or not args.cloud:
+            raise HeteroError("train-edge needs --cloud DIR and --out DIR, or --resume DIR to continue an interrupted run")
+        if args.init_from and not args.arch:
+            raise HeteroError("--init-from SUPERNET needs --arch arch.json (the subnet to take from it)")
+        if args.arch:
+            from hetero.nas.search import read_arch
 
-        if args.model or args.model_kwargs:
-            raise HeteroError("--arch sets the model; leave out --model and --model-kwargs")
-        arch, space = read_arch(args.arch)
-        args.model = "nas_mbv3"
-    if not args.model:
-        args.model = "mobilenet_w050"
-    cloud = load_checkpoint(args.cloud, role="cloud")
-    if args.dim is None:
-        args.dim = cloud.spec.dim
-    fixed = {"compat": not args.no_compat}
-    if args.arch:
-        fixed["model_kwargs"] = {"arch": arch.to_dict(), "space": space.to_dict()}
-        if args.init_from:
-            from hetero.nas.train import load_supernet
+            if args.model or args.model_kwargs:
+                raise HeteroError("--arch sets the model; leave out --model and --model-kwargs")
+            arch, space = read_arch(args.arch)
+            args.model = "nas_mbv3"
+        if not args.model:
+            args.model = "mobilenet_w050"
+        cloud = load_checkpoint(args.cloud, role="cloud")
+        if args.dim is None:
+            args.dim = cloud.spec.dim
+        fixed = {"compat": not args.no_compat}
+        if args.arch:
+            fixed["model_kwargs"] = {"arch": arch.to_dict(), "space": space.to_dict()}
+            if args.init_from:
+                from hetero.nas.train import load_supernet
 
-            net, meta = load_supernet(args.init_from)
-            if meta.get("cloud_space") != cloud.space:
-                raise HeteroError(f"--init-from {args.init_from} was trained into cloud space {str(meta.get('cloud_space'))[:12]}, "
-                                  f"not --cloud's {cloud.space[:12]}; pass the supernet trained against this cloud")
-            if net.space.to_dict() != space.to_dict():
-                raise HeteroError(f"--arch {args.arch} belongs to another search space than --init-from {args.init_from}")
-            init_state = net.extract(arch).state_dict()
-    cfg = _train_config(args, **fixed)
+                net, meta = load_supernet(args.init_from)
+                if meta.get("cloud_space") != cloud.space:
+                    raise HeteroError(f"--init-from {args.init_from} was trained into cloud space {str(meta.get('cloud_space'))[:12]}, "
+                                      f"not --cloud's {cloud.space[:12]}; pass the supernet trained against this cloud")
+                if net.space.to_dict() != space.to_dict():
+                    raise HeteroError(f"--arch {args.arch} belongs to another search space than --init-from {args.init_from}")
+                init_state = net.extract(arch).state_dict()
+        cfg = _train_config(args, **fixed)
     check_writable_dest(Path(args.out), args.overwrite)
-    train = load_dataset(args.data, "train", progress=not args.quiet)
-    ckpt = train_edge(cfg, cloud, train, progress=not args.quiet, init_state=init_state)
-    save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
-    kind = "control (no compatibility loss)" if args.no_compat else f"edge in cloud space {cloud.space[:12]}"
-    print(f"{kind} checkpoint: {args.out}, last epoch {json.dumps({k: round(v, 4) for k, v in ckpt.info['history'][-1].items()})}")
+    snaps = cli_snapshots(args, "train-edge", state, {"command": "train-edge", "out": absolute(args.out),
+                                                      "data": absolute(args.data), "cloud": absolute(args.cloud),
+                                                      "cloud_space": cloud.space, "overwrite": args.overwrite},
+                          main=distributed.is_main())
+    distributed.barrier()
+    train = load_dataset(args.data, "train", progress=not args.quiet and distributed.is_main())
+    try:
+        ckpt = train_edge(cfg, cloud, train, progress=not args.quiet, init_state=init_state, snapshots=snaps)
+        if distributed.is_main():  # under torchrun only rank 0 writes
+            save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:
+        raise interrupted(e, snaps, "train-edge") from None
+    if distributed.is_main():
+        snaps.remove()
+        kind = "control (no compatibility loss)" if not cfg.compat else f"edge in cloud space {cloud.space[:12]}"
+        print(f"{kind} checkpoint: {args.out}, last epoch "
+              f"{json.dumps({k: round(v, 4) for k, v in ckpt.info['history'][-1].items()})}")
+    distributed.barrier()
     return 0
 
 
 def cmd_train_supernet(args: argparse.Namespace) -> int:
+    from hetero import distributed
     from hetero.checkpoint import load_checkpoint
     from hetero.data import load_dataset
     from hetero.nas.train import SupernetConfig, train_supernet
@@ -225,17 +321,28 @@ def cmd_train_supernet(args: argparse.Namespace) -> int:
     if args.loss:
         kw["losses"] = _parse_kv(args.loss, "--loss")
     cfg = SupernetConfig(progressive=args.progressive, sort_channels=args.sort_channels, **kw)
+    if args.save_every is not None and args.save_every < 0:
+        raise HeteroError(f"--save-every must be >= 0 (0: at epoch ends only), got {args.save_every}")
+    distributed.init()
     cloud = load_checkpoint(args.cloud, role="cloud")
-    train = load_dataset(args.data, "train", progress=not args.quiet)
-    meta = train_supernet(cfg, cloud, train, args.out, resume=args.resume, progress=not args.quiet)
-    print(f"supernet: {args.out} ({meta['epochs_done']} epochs, validation split {meta['split']['val']} images)")
+    train = load_dataset(args.data, "train", progress=not args.quiet and distributed.is_main())
+    try:
+        meta = train_supernet(cfg, cloud, train, args.out, resume=args.resume, progress=not args.quiet,
+                              save_every=200 if args.save_every is None else args.save_every)
+    except KeyboardInterrupt as e:
+        if not str(e) and distributed.is_main() and Path(args.out).exists():
+            raise e.__class__(f"the epochs and steps done are kept in {args.out}; continue with the same command "
+                              "and --resume") from None
+        raise
+    if distributed.is_main():
+        print(f"supernet: {args.out} ({meta['epochs_done']} epochs, validation split {meta['split']['val']} images)")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from hetero.nas.search import SearchConfig, search
 
-    kw = {k: getattr(args, k) for k in ("population", "generations", "mutate_prob", "val_limit", "seed")
+    kw = {k: getattr(args, k) for k in ("population", "generations", "mutate_prob", "val_limit", "seed", "lut")
           if getattr(args, k) is not None}
     search(args.supernet, args.cloud, args.budget, data=args.data, out=args.out, cfg=SearchConfig(**kw),
            progress=not args.quiet)
@@ -391,7 +498,7 @@ def _bench_one(path: str, args: argparse.Namespace) -> dict:
     if p.is_file() and p.suffix == ".json" and p.name != "manifest.json":
         try:
             return check_result(json.loads(p.read_text()), str(p))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HeteroError(f"{p} is not valid JSON; pass a latency JSON from `hetero bench --json`, an export "
                               "directory or a checkpoint") from None
     if p.is_file() and p.name == "manifest.json":
@@ -546,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_cloud)
 
     p = sub.add_parser("train-edge", help="train an edge model into a cloud model's embedding space")
-    p.add_argument("--cloud", required=True, help="cloud checkpoint directory")
+    p.add_argument("--cloud", help="cloud checkpoint directory (required unless --resume)")
     _add_train_args(p, "mobilenet_w050")
     p.add_argument("--loss", help="loss weights: influence, alignment, contrastive, relational, ce, logit_distill "
                                   "(default influence=1,alignment=1,relational=1; see README, Which loss when)")
@@ -575,7 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, help="validation images carved from the train split for the search (default 5000)")
     p.add_argument("--limit", type=int, help="use the first N training images")
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (from its last saved step)")
+    p.add_argument("--save-every", type=int, metavar="N", help="also save the training state every N steps, in "
+                                                               "--out/steps (default 200; 0: epoch ends only)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_supernet)
 
@@ -590,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int)
     p.add_argument("--mutate-prob", type=float)
     p.add_argument("--val-limit", type=int, help="score on the first N validation images (default all)")
+    p.add_argument("--lut", help="latency budgets: predict from this latency look-up table (JSON; created if missing, "
+                                 "missing blocks measured into it); without it each candidate is timed whole")
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_search)
@@ -729,17 +840,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from devices.errors import DeviceError
-
     args = build_parser().parse_args(argv)
+    old_handler = _catch_sigterm()
     try:
         return int(args.func(args) or 0)
-    except (HeteroError, DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except BaseException as e:
+        return _report(e, args)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+
+def _report(e: BaseException, args: argparse.Namespace) -> int:
+    """Print the one ``error:`` line for what ended the command and return the exit status; anything
+    that is neither bad input, a full disk nor an interruption is a bug and is raised again."""
+    from devices.errors import DeviceError
+
+    stop = _interruption(e)
+    if stop is not None:  # Ctrl-C, or SIGTERM as Terminated; a message, if any, says what was kept
+        # CPython quirk: a KeyboardInterrupt that passed through a string exec (torch's exporter makes
+        # some) makes `python -m` die by SIGINT at exit whatever we return; any later string exec clears it
+        exec("pass", {})
+        what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"error: {what}; {str(stop) or 'partial outputs were discarded'}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    if isinstance(e, (HeteroError, DeviceError)) or (isinstance(e, Exception) and _disk_full(e, args)):
+        # a full or read-only disk is the environment's fault, not a bug: one line too
+        print(f"error: {_disk_full(e, args) or e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
-    except KeyboardInterrupt:
-        print("error: interrupted; partial outputs were discarded", file=sys.stderr)
-        return 130
+    raise e
+
+
+def _interruption(e: BaseException | None) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that caused ``e``, if any (libraries such as torch.export wrap it)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _disk_full(e: BaseException, args: argparse.Namespace) -> str | None:
+    why = write_failure(e)
+    if why is None:
+        return None
+    out = getattr(args, "out", None) or getattr(args, "json", None)
+    return f"{'cannot write ' + str(out) + ': ' if out else ''}{why}; free some space or choose another output path"
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into :class:`Terminated` (once: a second one during the cleanup is ignored).
+    Returns the handler to restore, or None off the main thread, where signals cannot be caught."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, on_term)
 
 
 if __name__ == "__main__":

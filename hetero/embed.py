@@ -13,14 +13,24 @@ from hetero.data import ImageSet, Preprocess, iterate_batches
 from hetero.errors import HeteroError
 
 
+# an input batch of at most this many bytes (float32): 512 images up to ~180 px grey / ~100 px RGB
+_MAX_BATCH_BYTES = 64 << 20
+
+
 @torch.no_grad()
 def embed_images(model: torch.nn.Module, ds: ImageSet, prep: Preprocess, *, batch_size: int = 512,
-                 progress: bool = True, desc: str = "embed") -> np.ndarray:
-    """Embed every image of ``ds`` (in order) -> float32 [N, dim]."""
+                 progress: bool = True, desc: str = "embed", num_workers: int | None = None) -> np.ndarray:
+    """Embed every image of ``ds`` (in order) -> float32 [N, dim].
+
+    Large images are embedded in smaller batches (at most ``_MAX_BATCH_BYTES`` of input), so memory
+    does not grow with the image size; a lazy set (an ImageFolder) is decoded a batch at a time, in
+    ``num_workers`` processes (see :func:`~hetero.data.iterate_batches`)."""
     model.eval()
     out: list[np.ndarray] = []
+    per_image = 4 * prep.channels * prep.size * prep.size
+    batch_size = max(1, min(batch_size, _MAX_BATCH_BYTES // per_image))
     bar = progress_bar(total=len(ds), desc=desc, unit="img", disable=not progress, leave=False)
-    for x, _, _ in iterate_batches(ds.conform(prep), prep, batch_size):
+    for x, _, _ in iterate_batches(ds.conform(prep), prep, batch_size, num_workers=num_workers):
         out.append(model(x).float().numpy())
         bar.update(len(x))
     bar.close()

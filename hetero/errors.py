@@ -12,6 +12,11 @@ class HeteroError(Exception):
     exit_code = 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so every cleanup path (atomic
+    outputs, temp files, resume state) runs the same; the CLI exits 143 instead of 130."""
+
+
 class MissingDependencyError(HeteroError):
     """An optional library is not installed; the message names the pip extra that brings it."""
 
@@ -26,3 +31,23 @@ def require(module: str, extra: str):
         raise MissingDependencyError(
             f"{module} is not installed ({e}); install it with: pip install 'hetero[{extra}]'"
         ) from None
+
+
+_FULL = {28: "no space left on the device", 122: "disk quota exceeded", 30: "the file system is read-only"}  # ENOSPC, EDQUOT, EROFS
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """What went wrong if ``exc`` was caused by a full (or read-only) disk, found anywhere in its
+    cause/context chain (exporters wrap the OSError in their own errors), else None."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        errno = getattr(e, "errno", None) if isinstance(e, OSError) else None
+        if errno not in _FULL:  # native writers (safetensors, protobuf) only say it in words
+            errno = next((n for n, t in ((28, "No space left on device"), (122, "Disk quota exceeded"),
+                                         (30, "Read-only file system")) if t in str(e)), None)
+        if errno is not None:
+            return _FULL[errno]
+        e = e.__cause__ or e.__context__
+    return None

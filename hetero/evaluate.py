@@ -20,7 +20,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
     space; controls and independently trained clouds are compared on purpose.
     """
     from hetero.checkpoint import check_same_space
-    from hetero.embed import cached_embeddings, cloud_targets
+    from hetero.distributed import cached_embeddings  # under torchrun: split over the ranks, then gathered
     from hetero.verify.score import Scorer
 
     artifacts = artifacts or {}
@@ -29,7 +29,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
             check_same_space(ckpt, cloud)
     prep = cloud.preprocess
     queries, gallery = queries.conform(prep), gallery.conform(prep)
-    g_cloud = np.asarray(cloud_targets(cloud, gallery, progress=progress))
+    g_cloud = np.asarray(cached_embeddings(cloud, gallery, progress=progress, key=cloud.space, desc="cloud targets"))
     q_cloud = np.asarray(cached_embeddings(cloud, queries, progress=progress, desc="cloud queries"))
     scorer = Scorer(g_cloud, gallery.labels, queries.labels, q_cloud)  # the one scoring path (verify's)
     rows = [_row(reference, reference, "torch", scorer.paragon_metrics)]
@@ -79,11 +79,17 @@ def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, da
              progress: bool = True, update: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`hetero evaluate`: test split = queries, train split = gallery. ``update=True`` names the rows
     old/new (a backward-compatible cloud update: new->old, old->old, new->new)."""
+    from hetero import distributed
     from hetero._atomic import atomic_dir, write_json_atomic, write_text_atomic
     from hetero.checkpoint import load_checkpoint
     from hetero.data import load_dataset
     from hetero.report import compatibility, format_table, host_info, model_row, render_markdown
 
+    distributed.init()  # under torchrun the ranks share the embedding; rank 0 alone logs and writes
+    main = distributed.is_main()
+    progress = progress and main
+    if not main:
+        log = _quiet
     cloud = load_checkpoint(cloud_path, role="cloud")
     edge = load_checkpoint(edge_path, role=("edge", "control"))
     name, ref = ("new", "old") if update else (edge.role, "cloud")
@@ -103,9 +109,14 @@ def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, da
     log(format_table(report["retrieval"]))
     for c in report["compatibility"]:
         log(f"compatibility criterion (edge->cloud > edge->edge): {'met' if c['criterion_met'] else 'NOT met'}")
-    if out:
+    if out and main:
         with atomic_dir(out, overwrite=True) as tmp:
             write_json_atomic(tmp / "report.json", report)
             write_text_atomic(tmp / "report.md", render_markdown(report))
         log(f"report: {out}/report.json")
+    distributed.barrier()
     return report
+
+
+def _quiet(_: str) -> None:
+    pass

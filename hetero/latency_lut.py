@@ -323,7 +323,7 @@ def load_table(path: str | Path) -> dict[str, Any]:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
         raise HeteroError(f"{path} does not exist; build the table with measure_lut(..., path={str(path)!r})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise HeteroError(f"{path} is not valid JSON ({e.__class__.__name__}); delete it and measure again") from None
     return check_table(obj, str(path))
 

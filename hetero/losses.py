@@ -8,6 +8,8 @@ The objective is a weighted sum (:class:`WeightedLoss`); every term is logged.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -39,6 +41,8 @@ def _loss(name: str) -> Callable:
                 return cls(ctx, **options)
             except TypeError as e:
                 raise HeteroError(f"loss {name!r} does not take these options ({e}); see `hetero train-edge --help`") from None
+            except (ValueError, OverflowError) as e:  # e.g. temperature="hot" reaching float()
+                raise HeteroError(f"loss {name!r}: invalid option value ({e}); see `hetero train-edge --help`") from None
 
         LOSSES.register(name)(factory)
         cls.loss_name = name
@@ -63,6 +67,8 @@ class InfluenceLoss(nn.Module):
 
     def __init__(self, ctx: LossContext, margin: float | None = None):
         super().__init__()
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin)):
+            raise HeteroError(f"influence margin must be a number, got {margin!r}")
         self.margin = margin
 
     def forward(self, edge_emb, labels, cloud_emb, cloud_classifier):
@@ -203,8 +209,12 @@ class WeightedLoss(nn.Module):
     def __init__(self, weights: Mapping[str, float], ctx: LossContext | None = None,
                  options: Mapping[str, Mapping[str, Any]] | None = None):
         super().__init__()
+        if not isinstance(weights, Mapping) or not all(isinstance(k, str) for k in weights):
+            raise HeteroError(f"losses must be name=weight pairs, e.g. --loss influence=1,alignment=1; got {weights!r:.80}")
         if not weights:
             raise HeteroError("no loss selected; give at least one loss with a weight, e.g. --loss influence=1,alignment=1")
+        if options is not None and not isinstance(options, Mapping):
+            raise HeteroError(f"loss options must map a loss name to its options, e.g. contrastive.temperature=0.1; got {options!r:.80}")
         options = dict(options or {})
         stray = set(options) - set(weights)
         if stray:
@@ -216,12 +226,15 @@ class WeightedLoss(nn.Module):
             LOSSES.get(name)  # raises on an unknown name, listing the known ones
             try:
                 w = float(w)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise HeteroError(f"loss weight for {name!r} must be a number, got {w!r}") from None
-            if not w >= 0:
-                raise HeteroError(f"loss weight for {name!r} must be >= 0, got {w}")
+            if not (w >= 0 and math.isfinite(w)):
+                raise HeteroError(f"loss weight for {name!r} must be a finite number >= 0, got {w}")
+            opts = options.get(name, {})
+            if not isinstance(opts, Mapping) or not all(isinstance(k, str) for k in opts):
+                raise HeteroError(f"options for loss {name!r} must be name=value pairs, got {opts!r}")
             self.weights[name] = w
-            self.parts[name] = LOSSES.create(name, ctx=ctx, **dict(options.get(name, {})))
+            self.parts[name] = LOSSES.create(name, ctx=ctx, **opts)
 
     @property
     def needs_classifier(self) -> bool:

@@ -7,12 +7,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hetero import distributed
 from hetero._progress import progress_bar
+from hetero._resume import Snapshots, rng_state, set_rng_state
 from hetero.checkpoint import Checkpoint
 from hetero.data import ImageSet, Preprocess, as_nchw, iterate_batches
+from hetero.data.loader import _augment as augment_batch  # the loader's flip + 2-px crop, with our own generator
 from hetero.embed import cloud_targets
 from hetero.errors import HeteroError
 from hetero.losses import LossContext, WeightedLoss
@@ -44,6 +48,34 @@ class TrainConfig:
     compat: bool = True
 
     def __post_init__(self):
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        flag = {"losses": "loss", "loss_options": "loss-options", "model_kwargs": "model-kwargs"}
+        for name, ok, want in (("model", lambda v: isinstance(v, str) and v, "a backbone name"),
+                               ("model_kwargs", lambda v: isinstance(v, dict), "name=value options"),
+                               ("losses", lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_num(w)
+                                                                               for k, w in v.items()),
+                                "loss=weight pairs with finite numeric weights"),
+                               ("loss_options", lambda v: isinstance(v, dict) and all(isinstance(o, dict) for o in v.values()),
+                                "loss.option=value pairs"),
+                               ("dim", is_int, "a whole number"), ("epochs", is_int, "a whole number"),
+                               ("batch_size", is_int, "a whole number"), ("seed", is_int, "a whole number"),
+                               ("limit", lambda v: v is None or is_int(v), "a whole number"),
+                               ("lr", is_num, "a finite number"), ("weight_decay", is_num, "a finite number"),
+                               ("scale", is_num, "a finite number"), ("margin", is_num, "a finite number"),
+                               ("augment", lambda v: isinstance(v, bool), "true or false"),
+                               ("compat", lambda v: isinstance(v, bool), "true or false"),
+                               ("targets", lambda v: isinstance(v, str), "auto, cached or online")):
+            v = getattr(self, name)
+            if not ok(v):
+                raise HeteroError(f"--{flag.get(name, name.replace('_', '-'))} must be {want}, got {v!r:.80}; "
+                                  "fix the flag or the --config file")
+        if self.weight_decay < 0:
+            raise HeteroError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("epochs", "batch_size", "dim"):
             if getattr(self, name) < 1:
                 raise HeteroError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -64,24 +96,95 @@ class TrainConfig:
         return asdict(self)
 
 
-def _fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], ds: ImageSet, prep: Preprocess,
-         cfg: TrainConfig, step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
-         desc: str, progress: bool) -> list[dict[str, float]]:
-    """SGD (Nesterov) with a one-cycle schedule. Returns the per-epoch mean of every loss term."""
+class _Objective(torch.nn.Module):
+    """Every trained module behind one forward (batch -> loss terms), so DistributedDataParallel
+    synchronises the classifier and loss heads' gradients along with the model's."""
+
+    def __init__(self, modules: list[torch.nn.Module], step: Callable[..., dict[str, torch.Tensor]]):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(modules)
+        self._step = step
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._step(x, y, idx)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's sample order: a pure function of (seed, epoch), so a resumed run sees the same batches."""
+    return np.random.default_rng(seed + epoch).permutation(n)
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """Seed of the augmentation of one batch: a pure function of (seed, epoch, step, rank)."""
+    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0])
+
+
+def _fit(modules: list[torch.nn.Module], ds: ImageSet, prep: Preprocess, cfg: TrainConfig,
+         step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+         desc: str, progress: bool, snapshots: Snapshots | None = None) -> tuple[list[dict[str, float]], float]:
+    """SGD (Nesterov) with a one-cycle schedule over every parameter of ``modules``.
+
+    Returns the per-epoch mean of every loss term, and the seconds spent by earlier (interrupted) runs.
+    ``snapshots``: save the state every ``save_every`` steps and at epoch ends, and continue from a loaded
+    one. Under torchrun ``cfg.batch_size`` is the global batch: each of the ``world`` ranks takes
+    ``batch_size / world`` rows of the epoch's order, DistributedSampler-style."""
+    world, rank = distributed.world_size(), distributed.rank()
+    if cfg.batch_size % world:
+        raise HeteroError(f"--batch-size {cfg.batch_size} is the global batch, split over {world} processes; "
+                          f"use a multiple of {world}")
+    per_rank = cfg.batch_size // world
+    steps_per_epoch = math.ceil(math.ceil(len(ds) / world) / per_rank)
+    dev = distributed.device()
     torch.manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)
+    for m in modules:
+        m.to(dev)
+    params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
     history: list[dict[str, float]] = []
-    for m in modules:
-        m.train()
-    for epoch in range(cfg.epochs):
-        sums: dict[str, float] = {}
-        n = 0
-        t0 = time.perf_counter()
-        bar = progress_bar(total=len(ds), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="img", disable=not progress, leave=False)
-        for x, y, idx in iterate_batches(ds, prep, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, augment=cfg.augment):
-            terms = step(as_nchw(x), y, idx)  # the loader already does this; training never runs channels-last by accident
+    start_epoch, start_step, sums, n, seconds_before = 0, 0, {}, 0, 0.0
+    meta = snapshots.check(cfg.to_dict(), ds.digest(), world) if snapshots is not None else None
+    if meta is not None:
+        st = snapshots.loaded
+        for m, s in zip(modules, st["modules"], strict=True):
+            m.load_state_dict(s)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        mine = st["ranks"][rank]
+        set_rng_state(mine["rng"])
+        sums, n = dict(mine["sums"]), int(mine["images"])
+        history = [dict(h) for h in meta["history"]]
+        start_epoch, start_step = int(meta["position"]["epoch"]), int(meta["position"]["step"])
+        seconds_before = float(meta.get("train_seconds", 0.0))
+    t_start = time.perf_counter()
+
+    def save(epoch: int, step_: int) -> None:
+        # every rank takes part (its RNG state and partial sums); rank 0 writes
+        ranks = distributed.all_gather_object({"rng": rng_state(), "sums": dict(sums), "images": n})
+        snapshots.save({"modules": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in modules],
+                        "optimizer": _to_cpu(opt.state_dict()), "scheduler": sched.state_dict(), "ranks": ranks,
+                        "meta": {"config": cfg.to_dict(), "dataset": ds.name, "dataset_digest": ds.digest(),
+                                 "world_size": world, "steps_per_epoch": steps_per_epoch,
+                                 "position": {"epoch": epoch, "step": step_}, "history": history,
+                                 "train_seconds": seconds_before + time.perf_counter() - t_start}})
+
+    objective = distributed.ddp(_Objective(modules, step))
+    objective.train()
+    fill = torch.tensor([-m / sd for m, sd in zip(prep.mean, prep.std)], dtype=torch.float32)  # black, normalised
+    for epoch in range(start_epoch, cfg.epochs):
+        first = start_step if epoch == start_epoch else 0
+        if first == 0:
+            sums, n = {}, 0
+        order = distributed.shard(epoch_order(len(ds), cfg.seed, epoch), rank, world)
+        t0, n0 = time.perf_counter(), n
+        bar = progress_bar(total=len(order) * world, initial=n * world, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                           unit="img", disable=not (progress and distributed.is_main()), leave=False)
+        # one loader per epoch (a lazy set's decoding workers stay up); augmentation is drawn here, per step
+        for s, (x, y, ib) in enumerate(iterate_batches(ds, prep, per_rank, indices=order[first * per_rank:]), start=first):
+            if cfg.augment:
+                x = augment_batch(x, fill, torch.Generator().manual_seed(step_seed(cfg.seed, epoch, s, rank)))
+            # the loader already gives NCHW; training never runs channels-last by accident
+            terms = objective(as_nchw(x).to(dev), y.to(dev), ib)
             loss = terms["total"]
             if not torch.isfinite(loss):
                 raise HeteroError(f"{desc}: training diverged (loss is {loss.item()}) in epoch {epoch + 1}; lower --lr")
@@ -92,14 +195,31 @@ def _fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], ds: I
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(x)
             n += len(x)
-            bar.update(len(x))
+            bar.update(len(x) * world)
             bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()}, refresh=False)
+            if snapshots is not None and s + 1 < steps_per_epoch and snapshots.due(epoch * steps_per_epoch + s + 1):
+                save(epoch, s + 1)
         bar.close()
-        history.append({**{k: v / n for k, v in sums.items()}, "epoch": epoch + 1,
-                        "img_per_s": n / (time.perf_counter() - t0)})
+        keys = list(sums)  # the loss's own term order, the same on every rank
+        total = distributed.all_reduce_sum([float(n), float(n - n0)] + [sums[k] for k in keys])
+        history.append({**{k: v / total[0] for k, v in zip(keys, total[2:])}, "epoch": epoch + 1,
+                        "img_per_s": total[1] / (time.perf_counter() - t0)})
+        if snapshots is not None:
+            save(epoch + 1, 0)
     for m in modules:
         m.eval()
-    return history
+        m.cpu()
+    return history, seconds_before
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
 
 
 def _prepare(ds: ImageSet, prep: Preprocess, cfg: TrainConfig) -> ImageSet:
@@ -107,8 +227,10 @@ def _prepare(ds: ImageSet, prep: Preprocess, cfg: TrainConfig) -> ImageSet:
     return ds.subset(cfg.limit) if cfg.limit and cfg.limit < len(ds) else ds
 
 
-def train_cloud(cfg: TrainConfig, train_set: ImageSet, prep: Preprocess, *, progress: bool = True) -> Checkpoint:
-    """Train the cloud embedding model with cross-entropy through its cosine classifier."""
+def train_cloud(cfg: TrainConfig, train_set: ImageSet, prep: Preprocess, *, progress: bool = True,
+                snapshots: Snapshots | None = None) -> Checkpoint:
+    """Train the cloud embedding model with cross-entropy through its cosine classifier.
+    ``snapshots``: save (and resume from) step-level training state."""
     ds = _prepare(train_set, prep, cfg)
     torch.manual_seed(cfg.seed)
     spec = ModelSpec(cfg.model, cfg.dim, dict(cfg.model_kwargs))
@@ -119,19 +241,19 @@ def train_cloud(cfg: TrainConfig, train_set: ImageSet, prep: Preprocess, *, prog
         return {"total": F.cross_entropy(classifier(model(x), y), y)}
 
     t0 = time.perf_counter()
-    history = _fit(list(model.parameters()) + list(classifier.parameters()), [model, classifier], ds, prep, cfg,
-                   step, "train-cloud", progress)
+    history, before = _fit([model, classifier], ds, prep, cfg, step, "train-cloud", progress, snapshots)
     ckpt = Checkpoint("cloud", spec, model, classifier, prep, train_set.classes, space="", config=cfg.to_dict())
     ckpt.space = ckpt.fingerprint
     ckpt.info = {"dataset": ds.name, "dataset_digest": ds.digest(), "history": history,
-                 "train_seconds": time.perf_counter() - t0}
+                 "train_seconds": before + time.perf_counter() - t0}
     return ckpt
 
 
 def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, progress: bool = True,
-               init_state: dict[str, torch.Tensor] | None = None) -> Checkpoint:
+               init_state: dict[str, torch.Tensor] | None = None, snapshots: Snapshots | None = None) -> Checkpoint:
     """Train an edge model into ``cloud``'s space (``cfg.compat``), or the control (own classifier, CE only).
-    ``init_state``: starting weights of the model (e.g. a subnet extracted from a NAS supernet)."""
+    ``init_state``: starting weights of the model (e.g. a subnet extracted from a NAS supernet).
+    ``snapshots``: save (and resume from) step-level training state."""
     if cloud.role != "cloud":
         raise HeteroError(f"--cloud must be a cloud checkpoint, got a {cloud.role} checkpoint ({cloud.path})")
     prep = cloud.preprocess
@@ -160,30 +282,34 @@ def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, prog
         except RuntimeError as e:
             raise HeteroError(f"the initial weights do not fit {cfg.model} ({str(e).splitlines()[0]})") from None
     t0 = time.perf_counter()
+    dev = distributed.device()
     if loss_fn is not None:
         frozen = cloud.classifier
         if frozen is not None:
             frozen.eval()
             frozen.requires_grad_(False)
+            frozen.to(dev)
         cloud.model.eval()
         cloud.model.requires_grad_(False)
         if not loss_fn.needs_cloud_emb:
             def target(x, idx):
                 return None
         elif cfg.online_targets:
+            cloud.model.to(dev)
+
             def target(x, idx):
                 with torch.no_grad():
                     return cloud.model(x)
         else:
-            cached = cloud_targets(cloud, ds, progress=progress)  # read-only memory map
+            with distributed.main_first():  # rank 0 fills the cache file, the other ranks then read it
+                cached = cloud_targets(cloud, ds, progress=progress and distributed.is_main())  # read-only memory map
 
             def target(x, idx):
-                return torch.from_numpy(cached[idx.numpy()])
+                return torch.from_numpy(cached[idx.numpy()]).to(x.device)
 
         def step(x, y, idx):
             return loss_fn(model(x), y, target(x, idx), frozen)
 
-        params = list(model.parameters()) + list(loss_fn.parameters())
         modules: list[torch.nn.Module] = [model, loss_fn]
         classifier = loss_fn.own_classifier
         role, space = "edge", cloud.space
@@ -193,14 +319,19 @@ def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, prog
         def step(x, y, idx):
             return {"total": F.cross_entropy(classifier(model(x), y), y)}
 
-        params = list(model.parameters()) + list(classifier.parameters())
         modules = [model, classifier]
         role, space = "control", ""
-    history = _fit(params, modules, ds, prep, cfg, step, "train-edge" if cfg.compat else "train-control", progress)
+    try:
+        history, before = _fit(modules, ds, prep, cfg, step, "train-edge" if cfg.compat else "train-control", progress,
+                               snapshots)
+    finally:
+        cloud.model.cpu()
+        if cloud.classifier is not None:
+            cloud.classifier.cpu()
     ckpt = Checkpoint(role, spec, model, classifier, prep, train_set.classes, space=space, config=cfg.to_dict())
     if role == "control":
         ckpt.space = ckpt.fingerprint  # its own, unrelated space
     ckpt.info = {"dataset": ds.name, "dataset_digest": ds.digest(), "history": history,
                  "cloud_fingerprint": cloud.space, "cloud_checkpoint": str(cloud.path) if cloud.path else None,
-                 "train_seconds": time.perf_counter() - t0}
+                 "train_seconds": before + time.perf_counter() - t0}
     return ckpt

@@ -6,12 +6,14 @@ from hetero.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from hetero.data.fashion_mnist import find_fashion_mnist, has_fashion_mnist, load_fashion_mnist
 from hetero.data.image_folder import load_image_folder
 from hetero.data.imageset import FASHION_MNIST_PREPROCESS, ImageSet, Preprocess
-from hetero.data.loader import as_nchw, iterate_batches, load_dataset
+from hetero.data.lazy import FolderImages
+from hetero.data.loader import as_nchw, iterate_batches, load_dataset, pixel_stats
 from hetero.data.synthetic import synthetic_dataset
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_PREPROCESS",
+    "FolderImages",
     "ImageSet",
     "as_nchw",
     "Preprocess",
@@ -21,6 +23,7 @@ __all__ = [
     "load_dataset",
     "load_fashion_mnist",
     "load_image_folder",
+    "pixel_stats",
     "read_idx",
     "synthetic_dataset",
 ]

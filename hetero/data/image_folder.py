@@ -1,17 +1,22 @@
 """ImageFolder datasets: one sub-folder per class, images of any size and channel count."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
+from hetero.data._decode import GREY_MODES, load_one, probe_mode
+from hetero.data._decode import load_one as _load_one  # noqa: F401  (its old name)
 from hetero.data.imageset import ImageSet
+from hetero.data.lazy import FolderImages
 from hetero.errors import HeteroError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
 DEFAULT_SIZE = 32
 _SPLITS = ("train", "test", "val")
 _PROGRESS_MIN = 1000
+_CACHE_ENV = "HETERO_IMAGE_CACHE"
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -61,34 +66,24 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _load_one(path: Path, size: int, channels: int | None) -> tuple[np.ndarray, bool]:
-    """Image as uint8 ``[size, size, 3 or 1]`` plus whether it has colour (R, G, B not all equal)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("P", "PA"):
-                im = im.convert("RGBA")
-            im = im.convert("L" if channels == 1 else "RGB")
-            im = im.resize((size, size), Image.BILINEAR) if im.size != (size, size) else im
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise HeteroError(f"{path}: cannot read image ({msg}); fix or remove the file") from None
-    if arr.ndim == 2:
-        return arr[..., None], False
-    return arr, bool((arr[..., 0] != arr[..., 1]).any() or (arr[..., 1] != arr[..., 2]).any())
-
-
 def load_image_folder(
-    root: str | Path, split: str, size: int | None = None, channels: int | None = None, *, progress: bool = True
+    root: str | Path, split: str, size: int | None = None, channels: int | None = None, *, progress: bool = True,
+    lazy: bool = True, cache: bool | None = None, num_workers: int | None = None,
 ) -> ImageSet:
-    """Load one split of an ImageFolder, resized to ``size`` (default 32) square.
+    """Index one split of an ImageFolder; images are decoded, resized to ``size`` (default 32) square,
+    when a batch of them is used.
 
     ``root/train`` + ``root/test`` (or ``val``) are used as splits when present; otherwise each
     class's sorted files are split deterministically: every 5th file is "test", the rest "train".
     ``channels`` defaults to 3 if any image has colour, else 1. ``progress`` shows a bar for
     folders of more than ``_PROGRESS_MIN`` images (``--quiet`` turns it off).
+
+    Indexing stats every file and reads its header (an unreadable file fails here); the pixels are
+    decoded per batch (``ImageSet.images`` is a :class:`~hetero.data.lazy.FolderImages`), in
+    ``num_workers`` DataLoader processes (default: see ``default_workers``), so memory is bounded by
+    the batch, not the folder. ``cache`` (default ``$HETERO_IMAGE_CACHE``) decodes the split once
+    into a uint8 file under ``<hetero cache>/images`` that later runs read instead of the images.
+    ``lazy=False`` returns the images decoded in memory, as before.
     """
     from hetero._progress import progress_bar
 
@@ -123,15 +118,30 @@ def load_image_folder(
     if not items:
         raise HeteroError(f"{folder}: split {split!r} has no images; {hint}")
 
-    arrays: list[np.ndarray] = []
-    color = False
-    for path, _ in progress_bar(items, desc=f"loading {folder.name}/{split}",
-                                disable=not progress or len(items) <= _PROGRESS_MIN, unit="img"):
-        arr, has_color = _load_one(path, size, channels)
-        arrays.append(arr)
-        color |= has_color
-    images = np.stack(arrays)
-    if channels is None and not color:
-        images = np.ascontiguousarray(images[..., :1])
+    paths = [p for p, _ in items]
+    stats = np.empty((len(paths), 2), dtype=np.int64)
+    modes: list[str] = []
+    # index: stat for the cache keys, and each header opened (not decoded) so an unreadable file fails now
+    for i, path in enumerate(progress_bar(paths, desc=f"loading {folder.name}/{split}",
+                                          disable=not progress or len(items) <= _PROGRESS_MIN, unit="img")):
+        st = path.stat()
+        stats[i] = st.st_size, st.st_mtime_ns
+        modes.append(probe_mode(path))
+    if channels is None:
+        # colour if any image has colour once decoded at this size; a grey mode cannot, so only files
+        # of other modes are decoded, in order, until the first colourful one
+        color = any(m not in GREY_MODES and load_one(p, size, None)[1] for p, m in zip(paths, modes))
+        out_channels = 3 if color else 1
+    else:
+        out_channels = channels
     labels = np.array([y for _, y in items], dtype=np.int64)
+    use_cache = _env_flag(_CACHE_ENV) if cache is None else bool(cache)
+    lazy_images = FolderImages(np.array([os.fsencode(os.path.abspath(p)) for p in paths]), stats, size, out_channels,
+                               channels, label=f"{folder}/{split}" if dirs is None else str(folder),
+                               use_cache=use_cache, num_workers=num_workers, progress=progress)
+    images = lazy_images if lazy else lazy_images.load()
     return ImageSet(images, labels, tuple(classes), f"folder:{root.resolve()}/{split}")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from hetero.data.lazy import FolderImages
 from hetero.errors import HeteroError
 
 # ITU-R BT.601 luma weights, the same PIL uses for RGB -> L.
@@ -71,6 +72,8 @@ class Preprocess:
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[N, size, size, channels]`` -> float32 ``[N, channels, size, size]``, normalised."""
+        if isinstance(images, FolderImages):
+            images = np.asarray(images)
         want = (self.size, self.size, self.channels)
         ok = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
         if not ok or images.shape[1:] != want:
@@ -79,10 +82,13 @@ class Preprocess:
                 f"preprocess expects uint8 images of shape [N, {self.size}, {self.size}, {self.channels}], "
                 f"got {got}; call ImageSet.conform(prep) first"
             )
-        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
-        x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-        return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+        # the arithmetic runs in place on the contiguous NHWC copy and only the result is transposed:
+        # the same float32 operations per element as on an NCHW view, without strided passes
+        x = images.astype(np.float32)
+        x /= np.float32(255.0)
+        x -= np.asarray(self.mean, dtype=np.float32)
+        x /= np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 FASHION_MNIST_PREPROCESS = Preprocess(28, 1, (0.2860,), (0.3530,))
@@ -90,9 +96,14 @@ FASHION_MNIST_PREPROCESS = Preprocess(28, 1, (0.2860,), (0.3530,))
 
 @dataclass(frozen=True, eq=False)
 class ImageSet:
-    """Labelled images held in memory: uint8 ``[N, H, W, C]`` and int64 labels ``[N]``."""
+    """Labelled images: uint8 ``[N, H, W, C]`` and int64 labels ``[N]``.
 
-    images: np.ndarray
+    ``images`` is an array in memory, or (an ImageFolder) a :class:`~hetero.data.lazy.FolderImages`
+    that decodes the rows it is indexed with; ``len``, ``subset``, ``conform``, ``digest`` and
+    :func:`~hetero.data.iterate_batches` stream it, ``np.asarray(images)`` loads it all (up to a limit).
+    """
+
+    images: np.ndarray | FolderImages
     labels: np.ndarray
     classes: tuple[str, ...]
     name: str
@@ -100,7 +111,9 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         imgs, labels = self.images, self.labels
-        if not isinstance(imgs, np.ndarray) or imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[3] not in (1, 3):
+        if isinstance(imgs, FolderImages):
+            pass  # built valid: uint8 [N, size, size, 1 or 3]
+        elif not isinstance(imgs, np.ndarray) or imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[3] not in (1, 3):
             got = f"{imgs.dtype} {tuple(imgs.shape)}" if isinstance(imgs, np.ndarray) else type(imgs).__name__
             raise HeteroError(f"{self.name}: images must be uint8 [N, H, W, 1 or 3], got {got}")
         labels = np.asarray(labels)
@@ -120,6 +133,11 @@ class ImageSet:
         return int(self.images.shape[0])
 
     @property
+    def lazy(self) -> bool:
+        """True if the images are decoded on demand (an ImageFolder), not held in memory."""
+        return isinstance(self.images, FolderImages)
+
+    @property
     def size(self) -> tuple[int, int]:
         """(H, W) of the stored images."""
         return int(self.images.shape[1]), int(self.images.shape[2])
@@ -135,6 +153,8 @@ class ImageSet:
             if n < 0:
                 raise HeteroError(f"{self.name}: subset size must be >= 0, got {n}")
             n = min(n, len(self))
+            if self.lazy:
+                return ImageSet(self.images.take(np.arange(n)), self.labels[:n], self.classes, f"{self.name}[:{n}]")
             return ImageSet(self.images[:n], self.labels[:n], self.classes, f"{self.name}[:{n}]")
         idx = np.asarray(n_or_indices)
         if idx.dtype == bool:
@@ -145,10 +165,17 @@ class ImageSet:
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise HeteroError(f"{self.name}: subset index out of range for {len(self)} items")
         tag = hashlib.sha256(idx.tobytes()).hexdigest()[:8]
-        return ImageSet(self.images[idx], self.labels[idx], self.classes, f"{self.name}[{len(idx)}@{tag}]")
+        images = self.images.take(idx) if self.lazy else self.images[idx]
+        return ImageSet(images, self.labels[idx], self.classes, f"{self.name}[{len(idx)}@{tag}]")
 
     def digest(self) -> str:
-        """sha256 over shape, image bytes and label bytes; a cache key for derived data (memoised)."""
+        """A cache key for derived data (memoised): sha256 over shape, image bytes and label bytes.
+
+        A lazy set hashes what determines its pixels instead of decoding them: the decode size and
+        channels, each file's content sha256 (memoised on disk per file list, see ``_image_cache``) and
+        the labels; so it stays the same when the folder is copied, moved or touched."""
+        if not self._digest and self.lazy:
+            self._digest.append(self.images.digest(self.labels))
         if not self._digest:
             h = hashlib.sha256()
             h.update(repr(tuple(int(s) for s in self.images.shape)).encode())
@@ -158,10 +185,14 @@ class ImageSet:
         return self._digest[0]
 
     def conform(self, prep: Preprocess) -> ImageSet:
-        """Resize (bilinear) and convert channels to match ``prep``; ``self`` if already matching."""
+        """Resize (bilinear) and convert channels to match ``prep``; ``self`` if already matching.
+
+        A lazy set is not resampled: it decodes its files at ``prep``'s size and channels instead."""
         _, h, w, c = self.images.shape
         if (h, w, c) == (prep.size, prep.size, prep.channels):
             return self
+        if self.lazy:  # decode the originals at the new size, rather than resample decoded images
+            return ImageSet(self.images.with_params(prep.size, prep.channels), self.labels, self.classes, self.name)
         imgs = self.images
         if (h, w) != (prep.size, prep.size):
             imgs = _resize(imgs, prep.size)

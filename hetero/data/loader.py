@@ -25,13 +25,16 @@ def load_dataset(
     size: int | None = None,
     channels: int | None = None,
     progress: bool = True,
+    cache: bool | None = None,
+    num_workers: int | None = None,
 ) -> ImageSet:
     """Resolve ``--data`` and load ``split`` ("train" or "test").
 
     ``None``: Fashion-MNIST wherever it is found (or downloaded); ``"synthetic"``: the unit-test
     set; a folder: Fashion-MNIST IDX files or an ImageFolder. ``size``/``channels`` only steer how
     ImageFolder images are decoded (use ``ImageSet.conform`` to match a model's preprocessing);
-    ``progress=False`` hides the ImageFolder loading bar.
+    ``progress=False`` hides the ImageFolder loading bar. An ImageFolder is streamed: ``cache`` and
+    ``num_workers`` go to :func:`~hetero.data.image_folder.load_image_folder`.
     """
     if split not in ("train", "test"):
         raise HeteroError(f"unknown split {split!r}; use 'train' or 'test'")
@@ -54,7 +57,8 @@ def load_dataset(
     if has_fashion_mnist(root):
         return load_fashion_mnist(root, split)
     if is_image_folder(root):
-        return load_image_folder(root, split, size=size, channels=channels, progress=progress)
+        return load_image_folder(root, split, size=size, channels=channels, progress=progress, cache=cache,
+                                 num_workers=num_workers)
     raise HeteroError(
         f"--data {data}: neither the four Fashion-MNIST IDX files ({', '.join(FILES)}, raw or .gz) "
         "nor class sub-folders found; pass one of those layouts"
@@ -71,6 +75,7 @@ def iterate_batches(
     augment: bool = False,
     drop_last: bool = False,
     indices: np.ndarray | None = None,
+    num_workers: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Batches ``(x float32 [B,C,H,W], y int64 [B], idx int64 [B])``, preprocessed one at a time.
 
@@ -79,6 +84,10 @@ def iterate_batches(
     as torchvision does), drawn from a generator seeded with ``seed``. ``indices``: draw exactly these
     rows, in this order (``shuffle`` is then ignored); a resumed or sharded (DDP) training loop
     passes its own order. Arguments are checked at call time, not at the first ``next``.
+
+    A lazy set (an ImageFolder) is decoded batch by batch, in ``num_workers`` DataLoader processes
+    (default: the set's own setting, else ``hetero.data.lazy.default_workers()``); the batches, and
+    the augmentation drawn in this process, are the same whatever the number of workers.
     """
     want = (prep.size, prep.size, prep.channels)
     if tuple(ds.images.shape[1:]) != want:
@@ -93,12 +102,14 @@ def iterate_batches(
         indices = np.asarray(indices, dtype=np.int64)
         if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= len(ds))):
             raise HeteroError(f"{ds.name}: batch indices must be a 1-D array within 0..{len(ds) - 1}")
-    return _batches(ds, prep, batch_size, shuffle, seed, augment, drop_last, indices)
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0):
+        raise HeteroError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+    return _batches(ds, prep, batch_size, shuffle, seed, augment, drop_last, indices, num_workers)
 
 
 def _batches(
     ds: ImageSet, prep: Preprocess, batch_size: int, shuffle: bool, seed: int, augment: bool, drop_last: bool,
-    indices: np.ndarray | None = None,
+    indices: np.ndarray | None = None, num_workers: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     if indices is not None:
         order = indices
@@ -108,11 +119,32 @@ def _batches(
     gen = torch.Generator().manual_seed(seed) if augment else None
     fill = torch.tensor([-m / s for m, s in zip(prep.mean, prep.std)], dtype=torch.float32)
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
-        x = torch.from_numpy(prep.apply(ds.images[idx]))
+    chunks = [order[start:start + batch_size] for start in range(0, stop, batch_size)]
+    if ds.lazy:
+        pixels = ds.images.batches(chunks, num_workers)
+    else:
+        pixels = (ds.images[idx] for idx in chunks)
+    for idx, raw in zip(chunks, pixels):
+        x = torch.from_numpy(prep.apply(raw))
         x = _augment(x, fill, gen) if gen is not None else as_nchw(x)
         yield x, torch.from_numpy(ds.labels[idx]), torch.from_numpy(idx.astype(np.int64))
+
+
+def pixel_stats(ds: ImageSet, batch_size: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the pixels (scaled to 0..1), streamed: a 256-bin histogram per
+    channel is exact, so a lazy set is read one batch at a time and never held in memory."""
+    c = ds.channels
+    counts = np.zeros((c, 256), dtype=np.int64)
+    orders = [np.arange(i, min(i + batch_size, len(ds))) for i in range(0, len(ds), batch_size)]
+    for raw in (ds.images.batches(orders) if ds.lazy else (ds.images[o] for o in orders)):
+        flat = raw.reshape(-1, c)
+        for k in range(c):
+            counts[k] += np.bincount(flat[:, k], minlength=256)
+    v = np.arange(256, dtype=np.float64) / 255.0
+    n = counts.sum(1)
+    mean = (counts * v).sum(1) / n
+    var = (counts * (v[None, :] - mean[:, None]) ** 2).sum(1) / n
+    return tuple(mean.tolist()), tuple(np.sqrt(var).tolist())
 
 
 def _augment(x: torch.Tensor, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Embedding model (backbone -> projection -> L2 norm) and the cosine classifier."""
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -10,6 +11,10 @@ from torch import nn
 
 from hetero.errors import HeteroError
 from hetero.models.registry import create_backbone
+
+
+MAX_DIM = 1 << 16  # a sanity bound: a damaged file must not ask for a 10^12-wide projection
+KINDS = ("hetero", "torchvision", "factory")
 
 
 @dataclass(frozen=True)
@@ -23,16 +28,33 @@ class ModelSpec:
     # "factory" (backbone = "module:callable"): a bring-your-own model whose output is the embedding.
     kind: str = "hetero"
 
+    def __post_init__(self) -> None:
+        try:
+            dim = operator.index(self.dim)
+        except TypeError:
+            raise HeteroError(f"embedding dim must be a whole number, got {self.dim!r}") from None
+        if isinstance(self.dim, bool) or not 2 <= dim <= MAX_DIM:
+            raise HeteroError(f"embedding dim must be between 2 and {MAX_DIM}, got {self.dim!r}")
+        object.__setattr__(self, "dim", dim)
+        if self.kind not in KINDS:
+            raise HeteroError(f"model kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise HeteroError(f"backbone must be a name, got {self.backbone!r}")
+        if not isinstance(self.backbone_kwargs, dict) or not all(isinstance(k, str) for k in self.backbone_kwargs):
+            raise HeteroError(f"model options must be name=value pairs, got {self.backbone_kwargs!r:.80}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        if not isinstance(d, dict) or not isinstance(d.get("backbone"), str) or not isinstance(d.get("backbone_kwargs", {}), dict):
+            raise HeteroError(f"model description is malformed ({str(d)[:80]}); the checkpoint JSON is damaged")
         try:
-            return cls(backbone=str(d["backbone"]), dim=int(d["dim"]), backbone_kwargs=dict(d.get("backbone_kwargs", {})),
-                       kind=str(d.get("kind", "hetero")))
-        except (KeyError, TypeError, ValueError) as e:
-            raise HeteroError(f"model description is malformed ({e!r}); the checkpoint JSON is damaged") from None
+            return cls(backbone=d["backbone"], dim=d.get("dim"), backbone_kwargs=dict(d.get("backbone_kwargs", {})),
+                       kind=d.get("kind", "hetero"))
+        except HeteroError as e:
+            raise HeteroError(f"model description is malformed ({e}); the checkpoint JSON is damaged") from None
 
 
 class EmbeddingModel(nn.Module):

@@ -420,7 +420,7 @@ def read_arch(path: str):
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise HeteroError(f"--arch {path} does not exist; pass the arch.json `hetero search` wrote") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise HeteroError(f"--arch {path} is not valid JSON ({e.__class__.__name__}); pass the arch.json `hetero search` wrote") from None
     if not isinstance(doc, dict):
         raise HeteroError(f"--arch {path} must hold a JSON object")

@@ -13,7 +13,12 @@ trained on; the search scores subnets on it. The supernet directory holds ``weig
 ``supernet.json`` (space, cloud fingerprint, split, config, history, weights sha256) and, for
 ``--resume``, ``train_state.pt`` (optimiser and scheduler state, RNG states: tensors and plain
 containers only, read back with ``torch.load(weights_only=True)``). It is rewritten atomically at
-the end of every epoch.
+the end of every epoch. Between epoch ends, every ``save_every`` steps, ``steps/`` holds the whole
+training state of the epoch in progress (:mod:`hetero._resume`), so ``--resume`` continues from the
+last step saved; the epoch's rewrite drops it.
+
+Under torchrun the ranks share each step's batch and average their gradients (one all-reduce after
+the sandwich: DistributedDataParallel cannot wrap several passes over changing subnets); rank 0 writes.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ FORMAT = "hetero-supernet"
 META = "supernet.json"
 WEIGHTS = "weights.safetensors"
 STATE = "train_state.pt"
+STEPS = "steps"  # mid-epoch training state (hetero._resume), dropped when the epoch's output is written
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ def save_supernet(out: Path, net, meta: dict[str, Any], state: dict[str, Any] | 
     from hetero._atomic import atomic_dir, sha256_file, write_json_atomic
 
     with atomic_dir(out, overwrite=True) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS))
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS))
         meta = {**meta, "weights_sha256": sha256_file(tmp / WEIGHTS)}
         write_json_atomic(tmp / META, meta)
         if state is not None:
@@ -131,14 +137,30 @@ def load_supernet(path: str | Path, *, with_state: bool = False):
     net.eval()
     if not with_state:
         return net, meta
-    state = torch.load(d / STATE, weights_only=True) if (d / STATE).is_file() else None
+    if not (d / STATE).is_file():
+        return net, meta, None
+    import pickle
+
+    try:  # tensors and plain containers only: a pickled object in the file is refused, never run
+        state = torch.load(d / STATE, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+        raise HeteroError(f"{d / STATE} cannot be read as training state ({first}); it is damaged or not hetero's: "
+                          f"delete {d / STATE} to keep the finished epochs' weights, or train again") from None
     return net, meta, state
 
 
 def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, resume: bool = False,
-                   progress: bool = True, log=print) -> dict[str, Any]:
-    """Train (or resume) the supernet into ``cloud``'s space; writes ``out`` each epoch; returns its meta."""
+                   progress: bool = True, log=print, save_every: int = 200) -> dict[str, Any]:
+    """Train (or resume) the supernet into ``cloud``'s space; writes ``out`` each epoch; returns its meta.
+
+    Mid-epoch, every ``save_every`` steps (0: never), the whole training state also goes to ``out/steps/``
+    (see :mod:`hetero._resume`), so ``resume`` continues from the last step saved, not the last epoch.
+    Under torchrun ``cfg.batch_size`` is the global batch, split over the ranks; their gradients are
+    averaged after the sandwich and rank 0 alone writes ``out``."""
+    from hetero import distributed
     from hetero._progress import progress_bar
+    from hetero._resume import STATE as STEP_STATE, Snapshots, read_state, rng_state, set_rng_state
     from hetero.data import iterate_batches
     from hetero.embed import cloud_targets
     from hetero.losses import LossContext, WeightedLoss
@@ -148,6 +170,14 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
     if cloud.role != "cloud":
         raise HeteroError(f"--cloud must be a cloud checkpoint, got a {cloud.role} checkpoint ({cloud.path})")
     out = Path(out)
+    main = distributed.is_main()
+    if not main:
+        log = _quiet
+    world, rank = distributed.world_size(), distributed.rank()
+    if cfg.batch_size % world:
+        raise HeteroError(f"--batch-size {cfg.batch_size} is the global batch, split over {world} processes; "
+                          f"use a multiple of {world}")
+    per_rank = cfg.batch_size // world
     prep = cloud.preprocess
     ds = train_set.conform(prep)
     if cfg.limit and cfg.limit < len(ds):
@@ -164,9 +194,14 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
     space = SearchSpace(in_channels=prep.channels, input_size=prep.size)
     torch.manual_seed(cfg.seed)
     net = Supernet(space, cloud.spec.dim, prep.channels)
-    steps = math.ceil(len(train_ds) / cfg.batch_size)
-    opt = torch.optim.SGD(list(net.parameters()) + list(loss_fn.parameters()), lr=cfg.lr, momentum=0.9, nesterov=True,
-                          weight_decay=cfg.weight_decay)
+    dev = distributed.device()  # the CPU, or this rank's GPU under torchrun
+    net.to(dev)
+    loss_fn.to(dev)
+    if frozen is not None:
+        frozen.to(dev)
+    steps = math.ceil(math.ceil(len(train_ds) / world) / per_rank)
+    params = list(net.parameters()) + list(loss_fn.parameters())
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
     meta = {"format": FORMAT, "version": 1, "space": space.to_dict(), "dim": cloud.spec.dim,
             "preprocess": prep.to_dict(), "classes": list(train_set.classes), "cloud_space": cloud.space,
@@ -174,7 +209,14 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
             "dataset": ds.name, "dataset_digest": ds.digest(),
             "split": {"train": len(tr_idx), "val": len(va_idx), "seed": cfg.seed,
                       "val_digest": ds.subset(va_idx).digest()}, "history": [], "epochs_done": 0}
-    start = 0
+    snaps = Snapshots(out / STEPS, save_every, {"command": "train-supernet", "out": str(out.resolve())}, enabled=main)
+    start = start_step = 0
+    sums: dict[str, float] = {}
+    n = 0
+    arch_rng_state = None
+    step_state = None
+    if resume and (out / STEPS / STEP_STATE).is_file():
+        step_state = read_state(out / STEPS, flag="--resume")
     if resume and (out / META).is_file():
         old, old_meta, state = load_supernet(out, with_state=True)
         if old_meta.get("cloud_space") != cloud.space:
@@ -191,23 +233,52 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
         torch.set_rng_state(state["torch_rng"])
         meta = old_meta
         start = int(meta["epochs_done"])
-        log(f"resuming {out} after epoch {start}/{cfg.epochs}")
+    elif resume and step_state is not None:
+        pass  # interrupted in its first epoch: only the step state exists
     elif (out / META).is_file() or (out.exists() and any(out.iterdir())):
         raise HeteroError(f"{out} already exists; pass --resume to continue it, or another --out")
-    cached = cloud_targets(cloud, train_ds, progress=progress) if loss_fn.needs_cloud_emb else None
+    if step_state is not None:
+        snaps.loaded = step_state
+        smeta = snaps.check(cfg.to_dict(), ds.digest(), world)
+        if smeta.get("cloud_space") != cloud.space:
+            raise HeteroError(f"--resume {out}: that supernet was trained into cloud space {str(smeta.get('cloud_space'))[:12]}, "
+                              f"not {cloud.space[:12]}; pass its cloud or a new --out")
+        if int(smeta["position"]["epoch"]) == start:  # a step state older than the last epoch's output is stale
+            net.load_state_dict(step_state["net"])
+            opt.load_state_dict(step_state["optimizer"])
+            sched.load_state_dict(step_state["scheduler"])
+            loss_fn.load_state_dict(step_state["loss"])
+            mine = step_state["ranks"][rank]
+            set_rng_state(mine["rng"])
+            sums, n = dict(mine["sums"]), int(mine["images"])
+            arch_rng_state = step_state["arch_rng"]
+            meta["history"] = [dict(h) for h in smeta["history"]]
+            meta["train_seconds"] = float(smeta.get("train_seconds", 0.0))
+            start_step = int(smeta["position"]["step"])
+    if resume and (start or start_step):
+        log(f"resuming {out} at epoch {start + 1}/{cfg.epochs}, step {start_step}/{steps}")
+    with distributed.main_first():  # rank 0 fills the cache file, the other ranks then read it
+        cached = cloud_targets(cloud, train_ds, progress=progress and main) if loss_fn.needs_cloud_emb else None
     big, small = largest(space), smallest(space)
+    archs: list = []
     for epoch in range(start, cfg.epochs):
         phase = _phase(epoch, cfg.epochs, cfg.progressive)
         rng = random.Random(cfg.seed * 1000 + epoch)
+        first = start_step if epoch == start else 0
+        if first and arch_rng_state is not None:
+            rng.setstate(_tuples(arch_rng_state))
+        else:
+            sums, n = {}, 0
         net.train()
         loss_fn.train()
-        sums: dict[str, float] = {}
-        n = 0
-        t0 = time.perf_counter()
-        bar = progress_bar(total=len(train_ds), desc=f"train-supernet {epoch + 1}/{cfg.epochs}", unit="img",
-                           disable=not progress, leave=False)
-        for x, y, idx in iterate_batches(train_ds, prep, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
-            target = torch.from_numpy(np.asarray(cached[idx.numpy()])) if cached is not None else None
+        t0, n0 = time.perf_counter(), n
+        order = distributed.shard(np.random.default_rng(cfg.seed + epoch).permutation(len(train_ds)), rank, world)
+        bar = progress_bar(total=len(order) * world, initial=n * world, desc=f"train-supernet {epoch + 1}/{cfg.epochs}",
+                           unit="img", disable=not (progress and main), leave=False)
+        batches = iterate_batches(train_ds, prep, per_rank, indices=order[first * per_rank:])
+        for s, (x, y, idx) in enumerate(batches, start=first):
+            x, y = x.to(dev), y.to(dev)
+            target = torch.from_numpy(np.asarray(cached[idx.numpy()])).to(dev) if cached is not None else None
             archs = [big] if phase == 0 else [big, small] + [_sample_phase(space, rng, phase) for _ in range(cfg.n_random)]
             opt.zero_grad(set_to_none=True)
             teacher = None
@@ -228,22 +299,68 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
                 tag = "largest" if i == 0 else "smallest" if i == 1 else "random"
                 for k, v in terms.items():
                     sums[f"{tag}.{k}"] = sums.get(f"{tag}.{k}", 0.0) + float(v.detach()) * len(x)
+            # the sandwich makes several passes per step over changing subnets, which DistributedDataParallel
+            # cannot wrap; one all-reduce of the summed gradients does the same
+            distributed.average_gradients(params)
             opt.step()
             sched.step()
             n += len(x)
-            bar.update(len(x))
+            bar.update(len(x) * world)
+            if s + 1 < steps and snaps.due(epoch * steps + s + 1):
+                ranks = distributed.all_gather_object({"rng": rng_state(), "sums": dict(sums), "images": n})
+                snaps.save({"net": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+                            "optimizer": _cpu(opt.state_dict()), "scheduler": sched.state_dict(),
+                            "loss": _cpu(loss_fn.state_dict()),
+                            "ranks": ranks, "arch_rng": _lists(rng.getstate()),
+                            "meta": {"config": cfg.to_dict(), "dataset": ds.name, "dataset_digest": ds.digest(),
+                                     "cloud_space": cloud.space, "world_size": world, "steps_per_epoch": steps,
+                                     "position": {"epoch": epoch, "step": s + 1}, "history": meta["history"],
+                                     "train_seconds": meta.get("train_seconds", 0.0) + (time.perf_counter() - t0)}})
         bar.close()
+        distributed.broadcast_module(net)  # rank 0's BatchNorm statistics everywhere (the weights agree already)
         if cfg.sort_channels and cfg.progressive and epoch + 1 < cfg.epochs and \
                 _phase(epoch + 1, cfg.epochs, True) != phase:
             net.sort_channels()
         net.eval()
-        meta["history"].append({**{k: v / n for k, v in sums.items()}, "epoch": epoch + 1, "phase": phase,
-                                "img_per_s": n / (time.perf_counter() - t0), "subnets_per_step": len(archs)})
+        keys = list(sums)
+        total = distributed.all_reduce_sum([float(n), float(n - n0)] + [sums[k] for k in keys])
+        sums = dict(zip(keys, total[2:]))
+        elapsed = time.perf_counter() - t0
+        meta["history"].append({**{k: v / total[0] for k, v in sums.items()}, "epoch": epoch + 1, "phase": phase,
+                                "img_per_s": total[1] / elapsed, "subnets_per_step": len(archs)})
         meta["epochs_done"] = epoch + 1
-        meta["train_seconds"] = meta.get("train_seconds", 0.0) + (time.perf_counter() - t0)
-        state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "loss": loss_fn.state_dict(),
+        meta["train_seconds"] = meta.get("train_seconds", 0.0) + elapsed
+        state = {"optimizer": _cpu(opt.state_dict()), "scheduler": sched.state_dict(), "loss": _cpu(loss_fn.state_dict()),
                  "torch_rng": torch.get_rng_state()}
-        save_supernet(out, net, meta, state if epoch + 1 < cfg.epochs else None)
-        log(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v / n:.3f}" for k, v in sums.items()
-                                                          if k.endswith("total")) + f" ({n / (time.perf_counter() - t0):.0f} img/s)")
+        if main:  # rewrites out whole, which drops the step state of the epoch just finished
+            save_supernet(out, net, meta, state if epoch + 1 < cfg.epochs else None)
+        distributed.barrier()
+        log(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v / total[0]:.3f}" for k, v in sums.items()
+                                                          if k.endswith("total")) + f" ({total[1] / elapsed:.0f} img/s)")
+    net.cpu()
+    if frozen is not None:
+        frozen.cpu()
     return meta
+
+
+def _cpu(obj):
+    """A state dict (nested) with every tensor on the CPU, for the state files."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _lists(x):
+    return [_lists(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x

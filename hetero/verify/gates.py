@@ -105,8 +105,8 @@ def load_gates(path: str | None) -> tuple[dict[str, Any], str]:
         raise HeteroError(f"gates file {path} does not exist; pass a TOML file or leave --gates out for the defaults") from None
     except (OSError, UnicodeDecodeError) as e:
         raise HeteroError(f"gates file {path} cannot be read ({e.__class__.__name__}); pass a TOML file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise HeteroError(f"gates file {path} is not valid TOML ({e}); fix it") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
+        raise HeteroError(f"gates file {path} is not valid TOML ({str(e)[:120]}); fix it") from None
     return parse_gates(data, f"gates file {path}"), str(path)
 
 

@@ -134,11 +134,16 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
     from devices.runner import runner_class
     from hetero.checkpoint import load_checkpoint
     from hetero.data import load_dataset
-    from hetero.embed import cached_embeddings, cloud_targets
+    from hetero.distributed import cached_embeddings as dist_embeddings
     from hetero.report import host_info
     from hetero.verify.gates import check_gates, load_gates, thresholds_for
     from hetero.verify.score import INDEXES, Scorer
 
+    from hetero import distributed
+
+    distributed.init()  # under torchrun the ranks share the torch embedding; rank 0 alone runs the runtimes and writes
+    if not distributed.is_main():
+        progress, log = False, _quiet
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     if index not in INDEXES:
@@ -178,12 +183,15 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
     timings["load"] = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
-    g_cloud = np.asarray(cloud_targets(cloud_ckpt, gallery, progress=progress))
-    # the torch embeddings are cached too (keyed by weights and data), so a re-run only embeds through the runtimes
-    q_cloud = np.asarray(cached_embeddings(cloud_ckpt, queries, progress=progress, desc="cloud queries"))
-    q_torch = np.asarray(cached_embeddings(edge_ckpt, queries, progress=progress, desc="edge queries (torch)"))
-    g_edge = np.asarray(cached_embeddings(edge_ckpt, gallery, progress=progress, desc="edge gallery (torch)"))
+    # the torch embeddings are cached too (keyed by weights and data), so a re-run only embeds through the runtimes;
+    # under torchrun the ranks split them and gather the rows (hetero.distributed)
+    g_cloud = np.asarray(dist_embeddings(cloud_ckpt, gallery, progress=progress, key=cloud_ckpt.space, desc="cloud targets"))
+    q_cloud = np.asarray(dist_embeddings(cloud_ckpt, queries, progress=progress, desc="cloud queries"))
+    q_torch = np.asarray(dist_embeddings(edge_ckpt, queries, progress=progress, desc="edge queries (torch)"))
+    g_edge = np.asarray(dist_embeddings(edge_ckpt, gallery, progress=progress, desc="edge gallery (torch)"))
     timings["embed with torch (cloud and edge)"] = time.perf_counter() - t0
+    if not distributed.is_main():  # its share of the embedding is done; the report is rank 0's
+        return {"verdict": {"exit_code": 0, "rank": distributed.rank()}}
     t0 = time.perf_counter()
     scorer = Scorer(g_cloud, gallery.labels, queries.labels, q_cloud, index=index)
     scorer.set_reference(q_torch, g_edge)
@@ -306,7 +314,7 @@ def _check_out(out_dir: Path) -> None:
         old = json.loads((out_dir / "report.json").read_text())
         if isinstance(old, dict) and old.get("schema") == SCHEMA:
             return
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     raise HeteroError(f"--out {out_dir} exists and is not an earlier `hetero verify` report; choose another directory")
 
@@ -349,3 +357,7 @@ def summary_table(report: dict[str, Any]) -> str:
                  f"{v['skipped']} skipped, {v['failed_runners']} runner failure(s)")
     lines += [f"  failed: {f}" for f in v["failed"]]
     return "\n".join(lines)
+
+
+def _quiet(_: str) -> None:
+    pass
