@@ -61,3 +61,12 @@ def saved(tmp_path_factory, tiny_cloud, tiny_edge):
     save_checkpoint(tiny_edge, root / "edge")
     export_checkpoint(load_checkpoint(root / "edge"), root / "export", name="edge")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (deterministic sums; the subprocesses it compares with use one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

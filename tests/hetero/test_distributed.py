@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from hetero.evaluate import evaluate
 
@@ -39,14 +38,6 @@ def trained(tmp_path_factory):
     one = launch("train-edge", "--cloud", "cloud", "--out", "one", *EDGE, cwd=d, cache=cache)
     two = launch("train-edge", "--cloud", "cloud", "--out", "two", *EDGE, cwd=d, nproc=2, cache=cache)
     return d, one, two
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_torchrun_training_matches_one_process(trained, one_thread):

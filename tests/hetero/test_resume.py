@@ -101,14 +101,6 @@ def one_line_error(code, err):
 
 
 @pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
 def interrupted(cloud, tmp_path, capsys, monkeypatch, one_thread):
     """An in-process train-edge stopped by Ctrl-C at its 30th step (epoch 2): its state dir, and what it printed."""
     import hetero.train
