@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--recipe", default="influence=1", help="loss recipe for both sides (README: the best at 8 epochs)")
     ap.add_argument("--population", type=int, default=40)
     ap.add_argument("--generations", type=int, default=5)
+    ap.add_argument("--space", help="JSON file of search-space fields for the supernet (train-supernet --space)")
     ap.add_argument("--work", default="runs/bench-search", help="where the supernet, search and edges go")
     ap.add_argument("--out", default="benchmarks/results/search.json")
     ap.add_argument("--smoke", action="store_true", help="small data and 1 epoch everywhere: checks the pipeline")
@@ -128,6 +129,7 @@ def main() -> int:
     q_cloud = embed_images(cloud.model, queries, cloud.preprocess)
     state.update({"label": "measured", "host": host_info(), "cloud": str(args.cloud or "shipped fmnist-resnet20"), "recipe": recipe,
                   "edge_epochs": e_epochs, "supernet_epochs": sn_epochs, "smoke": args.smoke,
+                  "space": json.loads(Path(args.space).read_text()) if args.space else "default",
                   "cloud_flops": count_flops(cloud.model, cloud.input_shape)})
     state.setdefault("rows", [])
 
@@ -139,7 +141,9 @@ def main() -> int:
     meta = json.loads((sn / "supernet.json").read_text()) if (sn / "supernet.json").is_file() else {}
     if meta.get("epochs_done", 0) < sn_epochs:
         t0 = time.perf_counter()
-        meta = train_supernet(SupernetConfig(epochs=sn_epochs, limit=limit, val_size=1000 if args.smoke else 5000),
+        space = json.loads(Path(args.space).read_text()) if args.space else None
+        meta = train_supernet(SupernetConfig(epochs=sn_epochs, limit=limit, val_size=1000 if args.smoke else 5000,
+                                             space=space),
                               cloud, train, sn, resume=(sn / "supernet.json").is_file())
         state["supernet_seconds"] = state.get("supernet_seconds", 0) + time.perf_counter() - t0
         save()

@@ -320,6 +320,13 @@ def cmd_train_supernet(args: argparse.Namespace) -> int:
           if getattr(args, k) is not None}
     if args.loss:
         kw["losses"] = _parse_kv(args.loss, "--loss")
+    if args.space:
+        try:
+            kw["space"] = json.loads(Path(args.space).read_text())
+        except FileNotFoundError:
+            raise HeteroError(f"--space {args.space} does not exist; pass a JSON file of search-space fields") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise HeteroError(f"--space {args.space} is not valid JSON ({e.__class__.__name__}); fix the file") from None
     cfg = SupernetConfig(progressive=args.progressive, sort_channels=args.sort_channels, **kw)
     if args.save_every is not None and args.save_every < 0:
         raise HeteroError(f"--save-every must be >= 0 (0: at epoch ends only), got {args.save_every}")
@@ -681,6 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", help="compatibility losses (default influence=1,alignment=1)")
     p.add_argument("--val-size", type=int, help="validation images carved from the train split for the search (default 5000)")
     p.add_argument("--limit", type=int, help="use the first N training images")
+    p.add_argument("--space", help="JSON file of search-space fields to change from the defaults, e.g. "
+                                   '{"stem_stride": 1, "head": 128} (see README, Architecture search)')
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (from its last saved step)")
     p.add_argument("--save-every", type=int, metavar="N", help="also save the training state every N steps, in "

@@ -38,7 +38,8 @@ class SearchSpace:
     subnets span 0.40 to 15.95 MFLOPs at dim 128 (``arch_flops``, equal to ``hetero.cost.count_flops``;
     1 MAC = 2 FLOPs), i.e. 3.9x to 153x below the cloud ResNet-20's 62.06 MFLOPs.
     ``kernel_transform`` gives the supernet OFA's learned kernel transformation matrices (the
-    static subnets do not need them).
+    static subnets do not need them). ``head`` adds MobileNetV3's last 1x1 convolution (with batch
+    norm and ReLU) to that many channels, whatever the width, before pooling; 0 leaves it out.
     """
 
     stem: int = 16
@@ -51,6 +52,7 @@ class SearchSpace:
     input_size: int = 28
     in_channels: int = 1
     kernel_transform: bool = False
+    head: int = 0  # MobileNetV3's last 1x1 conv (+BN+ReLU) to this many channels before pooling; 0: none
 
     def __post_init__(self):
         def bad(field: str, value: Any, want: str) -> HeteroError:
@@ -70,6 +72,8 @@ class SearchSpace:
                 raise bad(name, vals, f"a non-empty list of distinct {want}")
         if not _is_int(self.stem) or self.stem < 1 or self.stem_stride not in (1, 2):
             raise bad("stem", (self.stem, self.stem_stride), "stem >= 1 channels and stem_stride 1 or 2")
+        if not _is_int(self.head) or self.head < 0:
+            raise bad("head", self.head, "0 (no last 1x1 conv) or its channel count")
         if not _is_int(self.input_size) or self.input_size < 1 or not _is_int(self.in_channels) or self.in_channels < 1:
             raise bad("input_size/in_channels", (self.input_size, self.in_channels), "positive integers")
 
@@ -227,7 +231,7 @@ class Arch:
         return out
 
     def out_features(self, space: SearchSpace) -> int:
-        return space.stage_channels(self.width)[-1]
+        return space.head or space.stage_channels(self.width)[-1]
 
 
 def _is_int(v: Any) -> bool:

@@ -56,7 +56,12 @@ class NasMobileNetV3(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(space.in_channels, stem, STEM_KERNEL, space.stem_stride, STEM_KERNEL // 2, bias=False),
             nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
-        self.blocks = nn.Sequential(*[InvertedResidual(b) for b in arch.blocks(space)])
+        blocks: list[nn.Module] = [InvertedResidual(b) for b in arch.blocks(space)]
+        if space.head:  # MobileNetV3's last 1x1 conv; a plain conv-BN-ReLU block, so the latency table knows it
+            cin = space.stage_channels(arch.width)[-1]
+            blocks.append(nn.Sequential(nn.Conv2d(cin, space.head, 1, bias=False), nn.BatchNorm2d(space.head),
+                                        nn.ReLU(inplace=True)))
+        self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_features = arch.out_features(space)
 

@@ -138,6 +138,10 @@ class Supernet(nn.Module):
             self.stages.append(nn.ModuleList(ElasticBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, space)
                                              for j in range(depth)))
             cin = cout
+        if space.head:
+            self.head = nn.Conv2d(cin, space.head, 1, bias=False)
+            self.head_bn = ElasticBatchNorm2d(space.head)
+            cin = space.head
         self.proj = nn.Linear(cin, dim)
         self.set_active(largest(space))
 
@@ -161,6 +165,8 @@ class Supernet(nn.Module):
         x = F.relu(self.stem_bn(F.conv2d(x, self.stem.weight[:c], None, self.space.stem_stride, STEM_KERNEL // 2)))
         for b in self._blocks:
             x = self.stages[b.stage][b.slot](x, b)
+        if self.space.head:
+            x = F.relu(self.head_bn(F.conv2d(x, self.head.weight[:, :x.shape[1]])))
         return x.mean((2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,8 +182,13 @@ class Supernet(nn.Module):
         c = self.space.stem_channels(arch.width)
         state = {"backbone.stem.0.weight": self.stem.weight[:c]}
         state.update({f"backbone.stem.1.{k}": v for k, v in self.stem_bn.state_slice(c).items()})
-        for n, b in enumerate(arch.blocks(self.space)):
+        blocks = arch.blocks(self.space)
+        for n, b in enumerate(blocks):
             state.update({f"backbone.blocks.{n}.{k}": v for k, v in self.stages[b.stage][b.slot].static_state(b).items()})
+        if self.space.head:
+            cin = self.space.stage_channels(arch.width)[-1]
+            state[f"backbone.blocks.{len(blocks)}.0.weight"] = self.head.weight[:, :cin]
+            state.update({f"backbone.blocks.{len(blocks)}.1.{k}": v for k, v in self.head_bn.state_slice(self.space.head).items()})
         state["proj.weight"] = self.proj.weight[:, :backbone.out_features]
         state["proj.bias"] = self.proj.bias
         model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
@@ -230,6 +241,10 @@ def _flops_params(arch: Arch, space: SearchSpace, dim: int) -> tuple[int, int]:
         if b.se:  # two 1x1 convs on the pooled vector; biases are parameters, not counted FLOPs
             macs += 2 * b.mid * b.hidden
             params += 2 * b.mid * b.hidden + b.hidden + b.mid
+    if space.head:  # the last 1x1 conv at the last block's resolution
+        cin, hw = space.stage_channels(arch.width)[-1], arch.blocks(space)[-1].size_out ** 2
+        macs += cin * space.head * hw
+        params += cin * space.head + 2 * space.head
     out = arch.out_features(space)
     macs += out * dim
     params += out * dim + dim

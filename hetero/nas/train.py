@@ -57,8 +57,15 @@ class SupernetConfig:
     val_size: int = 5000
     limit: int | None = None
     seed: int = 0
+    space: dict[str, Any] | None = None  # SearchSpace fields to change from the defaults (e.g. head, stem_stride, stages)
 
     def __post_init__(self):
+        if self.space is not None:
+            if not isinstance(self.space, dict):
+                raise HeteroError(f"--space must hold a JSON object of search-space fields, got {type(self.space).__name__}")
+            from hetero.nas.space import SearchSpace
+
+            SearchSpace.from_dict(self.space)  # a one-line error naming the bad field, before any training
         for name in ("epochs", "batch_size", "val_size"):
             if getattr(self, name) < 1:
                 raise HeteroError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -191,7 +198,11 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
     frozen = cloud.classifier
     if frozen is not None:
         frozen.eval().requires_grad_(False)
-    space = SearchSpace(in_channels=prep.channels, input_size=prep.size)
+    for key, want in (("in_channels", prep.channels), ("input_size", prep.size)):
+        if cfg.space and key in cfg.space and cfg.space[key] != want:
+            raise HeteroError(f"--space sets {key} = {cfg.space[key]!r}, but the cloud's preprocessing gives {want}; "
+                              f"leave {key} out (it follows the cloud)")
+    space = SearchSpace.from_dict({**(cfg.space or {}), "in_channels": prep.channels, "input_size": prep.size})
     torch.manual_seed(cfg.seed)
     net = Supernet(space, cloud.spec.dim, prep.channels)
     dev = distributed.device()  # the CPU, or this rank's GPU under torchrun

@@ -186,3 +186,30 @@ def test_latency_budget_from_the_look_up_table(tmp_path):
     assert lut.read_bytes() == before  # nothing measured again
     with pytest.raises(HeteroError, match="measured on profile host-cpu-1thread"):
         lut_latency(net, largest(sp), lut, "host-cpu")
+
+
+def test_train_supernet_with_a_space_file(saved, tmp_path, capsys):
+    """--space changes the defaults (here a stride-1 stem and MobileNetV3's last conv); the space is kept
+    with the supernet, its subnets extract with the head; a bad field or a contradicted input is one line."""
+    from hetero.nas.space import largest
+    from hetero.nas.train import load_supernet
+
+    sp = tmp_path / "space.json"
+    sp.write_text(json.dumps({"stem": 8, "stem_stride": 1, "stages": [[8, 1, 2], [16, 1, 2]], "kernels": [3],
+                              "expands": [2], "widths": [1.0], "head": 32}))
+    out = tmp_path / "sn"
+    assert main(["train-supernet", "--cloud", str(saved / "cloud"), "--out", str(out), "--epochs", "1", "--space", str(sp),
+                 "--data", "synthetic", "--limit", "300", "--val-size", "100", "--batch-size", "64", "--quiet"]) == 0
+    net, meta = load_supernet(out)
+    assert meta["space"]["head"] == 32 and meta["space"]["stem_stride"] == 1 and meta["config"]["space"]["head"] == 32
+    assert net.extract(largest(net.space)).backbone.out_features == 32
+    capsys.readouterr()
+    sp.write_text(json.dumps({"head": 32, "colour": 1}))
+    one_line_error(*run(capsys, "train-supernet", "--cloud", saved / "cloud", "--out", tmp_path / "x", "--space", sp,
+                        *SN)[::2], "unknown key", "colour")
+    sp.write_text(json.dumps({"input_size": 64}))
+    one_line_error(*run(capsys, "train-supernet", "--cloud", saved / "cloud", "--out", tmp_path / "x", "--space", sp,
+                        *SN)[::2], "input_size")
+    one_line_error(*run(capsys, "train-supernet", "--cloud", saved / "cloud", "--out", tmp_path / "x", "--space",
+                        tmp_path / "none.json", *SN)[::2], "does not exist")
+    assert not (tmp_path / "x").exists()

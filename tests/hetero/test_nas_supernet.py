@@ -273,3 +273,28 @@ def test_imports_work_in_either_order(first):
     code = f"import {first}; from hetero.nas import Supernet; from hetero.models import list_backbones; " \
            "assert 'nas_mbv3' in list_backbones() and Supernet"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_last_conv_head_extracts_and_counts_exactly():
+    """``head``: MobileNetV3's last 1x1 conv at a fixed width, sliced on its input like every layer;
+    a stride-1 stem too (the hand-designed MobileNet's layout). Extract equals the supernet, the cost
+    model equals the FLOP counter, and the latency table decomposes it."""
+    from hetero.latency_lut import decompose
+
+    sp = replace(TINY, head=32, stem_stride=1)
+    net = make_net(sp)  # BN statistics and affine parameters that are not the identity, the head's too
+    x = images()
+    for a in archs(sp, 4):
+        net.set_active(a)
+        with torch.no_grad():
+            ref = net(x)
+        m = net.extract(a)
+        assert m.backbone.out_features == 32
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)
+        assert arch_flops(a, sp, DIM) == count_flops(m, (1, 28, 28))
+        assert arch_params(a, sp, DIM) == count_params(m)
+        assert [b.type for b in decompose(m, (1, 28, 28), DIM)][-2:] == ["conv_bn_relu", "head"]
+    assert SearchSpace.from_dict({k: v for k, v in SPACE.to_dict().items() if k != "head"}).head == 0  # older files
+    with pytest.raises(HeteroError, match="space.head"):
+        SearchSpace(head=-1)
