@@ -182,8 +182,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_train_cloud(args: argparse.Namespace) -> int:
     from hetero import distributed
     from hetero._atomic import check_writable_dest
-    from hetero._resume import absolute, cli_snapshots, continue_from, interrupted, recorded
-    from hetero.checkpoint import save_checkpoint
+    from hetero._resume import absolute, cli_snapshots, continue_from, recorded
     from hetero.data import FASHION_MNIST_PREPROCESS, Preprocess, load_dataset
     from hetero.train import train_cloud
 
@@ -219,24 +218,37 @@ def cmd_train_cloud(args: argparse.Namespace) -> int:
     else:  # statistics of the training images, per channel
         x = train.images.reshape(-1, c).astype("float64") / 255.0
         prep = Preprocess(train.images.shape[1], c, tuple(x.mean(0).tolist()), tuple(x.std(0).clip(1e-3).tolist()))
-    try:
-        ckpt = train_cloud(cfg, train, prep, progress=not args.quiet, snapshots=snaps)
-        if distributed.is_main():  # under torchrun only rank 0 writes
-            save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
-    except KeyboardInterrupt as e:
-        raise interrupted(e, snaps, "train-cloud") from None
+    ckpt = _train_and_save(lambda: train_cloud(cfg, train, prep, progress=not args.quiet, snapshots=snaps), args, snaps,
+                           "train-cloud")
     if distributed.is_main():
-        snaps.remove()
         print(f"cloud checkpoint: {args.out} (space {ckpt.space[:12]}, last epoch loss {ckpt.info['history'][-1]['total']:.4f})")
     distributed.barrier()
     return 0
 
 
+def _train_and_save(train, args: argparse.Namespace, snaps, command: str):
+    """Run ``train()``; rank 0 alone writes the checkpoint to ``--out`` and then drops the resume state.
+    An interruption keeps the state and says how to resume."""
+    from hetero import distributed
+    from hetero._resume import interrupted
+    from hetero.checkpoint import save_checkpoint
+
+    try:
+        ckpt = train()
+        if distributed.is_main():  # under torchrun only rank 0 writes
+            save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:
+        raise interrupted(e, snaps, command) from None
+    if distributed.is_main():
+        snaps.remove()
+    return ckpt
+
+
 def cmd_train_edge(args: argparse.Namespace) -> int:
     from hetero import distributed
     from hetero._atomic import check_writable_dest
-    from hetero._resume import absolute, cli_snapshots, continue_from, interrupted, recorded
-    from hetero.checkpoint import load_checkpoint, save_checkpoint
+    from hetero._resume import absolute, cli_snapshots, continue_from, recorded
+    from hetero.checkpoint import load_checkpoint
     from hetero.data import load_dataset
     from hetero.train import train_edge
 
@@ -295,14 +307,9 @@ def cmd_train_edge(args: argparse.Namespace) -> int:
                           main=distributed.is_main())
     distributed.barrier()
     train = load_dataset(args.data, "train", progress=not args.quiet and distributed.is_main())
-    try:
-        ckpt = train_edge(cfg, cloud, train, progress=not args.quiet, init_state=init_state, snapshots=snaps)
-        if distributed.is_main():  # under torchrun only rank 0 writes
-            save_checkpoint(ckpt, args.out, overwrite=args.overwrite)
-    except KeyboardInterrupt as e:
-        raise interrupted(e, snaps, "train-edge") from None
+    ckpt = _train_and_save(lambda: train_edge(cfg, cloud, train, progress=not args.quiet, init_state=init_state,
+                                              snapshots=snaps), args, snaps, "train-edge")
     if distributed.is_main():
-        snaps.remove()
         kind = "control (no compatibility loss)" if not cfg.compat else f"edge in cloud space {cloud.space[:12]}"
         print(f"{kind} checkpoint: {args.out}, last epoch "
               f"{json.dumps({k: round(v, 4) for k, v in ckpt.info['history'][-1].items()})}")
