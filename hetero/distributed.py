@@ -225,18 +225,22 @@ def embed_rows(model: torch.nn.Module, ds, prep, *, progress: bool = True, desc:
 def cached_embeddings(ckpt, ds, *, progress: bool = True, key: str | None = None, desc: str = "embed") -> np.ndarray:
     """:func:`hetero.embed.cached_embeddings`, with the embedding split over the ranks under torchrun.
 
-    A cache file that exists is read by every rank; a missing one is computed by all ranks together
-    (each its chunk, then gathered) and not written (the cache is filled by single-process runs)."""
-    from hetero.embed import cache_entries, cached_embeddings as cached
+    Rank 0 decides whether the cache holds a usable file, and every rank follows that one decision
+    (ranks checking on their own could disagree if the file appeared between their checks, and the
+    ones that embed would wait forever for the others). On a hit every rank reads the file; on a miss
+    all ranks embed their chunk, the rows are gathered, and rank 0 writes them to the cache."""
+    from hetero.embed import cached_embeddings as cached, embeddings_cache_path, read_cached, write_cached
 
     if not init():
         return cached(ckpt, ds, progress=progress, key=key, desc=desc)
-    key = key or ckpt.fingerprint
-    digest = ds.digest()
-    hit = any(r["space"] == key[:16] and r["data"] == digest[:16] and r["images"] == len(ds) for r in cache_entries(key[:16]))
+    path = embeddings_cache_path(ckpt, ds, key=key)
+    hit = all_gather_object(read_cached(path, len(ds), ckpt.spec.dim) is not None if is_main() else None)[0]
     if hit:
         return np.asarray(cached(ckpt, ds, progress=False, key=key, desc=desc))
     emb = embed_rows(ckpt.model, ds.conform(ckpt.preprocess), ckpt.preprocess, progress=progress, desc=desc)
     if not np.isfinite(emb).all():
         raise HeteroError(f"model produced NaN/Inf embeddings on {ds.name}; the checkpoint is broken, re-train it")
+    if is_main():
+        write_cached(path, emb)
+    barrier()
     return emb

@@ -57,21 +57,37 @@ def cached_embeddings(ckpt, ds: ImageSet, *, progress: bool = True, directory: P
     """Embeddings of ``ds`` by the checkpoint's model, cached like :func:`cloud_targets`, keyed by the
     model's own weights fingerprint (a cloud's equals its space) and the data digest. Verify uses it
     for the torch edge model's queries and gallery, so a re-run only embeds through the runtimes."""
+    path = embeddings_cache_path(ckpt, ds, key=key, directory=directory)
+    emb = read_cached(path, len(ds), ckpt.spec.dim)
+    if emb is not None:
+        return emb
+    return write_cached(path, embed_images(ckpt.model, ds, ckpt.preprocess, progress=progress, desc=desc))
+
+
+def embeddings_cache_path(ckpt, ds: ImageSet, *, key: str | None = None, directory: Path | None = None) -> Path:
+    """Where :func:`cached_embeddings` keeps the embeddings of ``ds`` by ``ckpt`` (or by ``key``)."""
     directory = Path(directory) if directory else cache_dir() / "targets"
     key = key or ckpt.fingerprint
-    path = directory / f"{key[:16]}-{ds.digest()[:16]}-{len(ds)}.npy"
-    if path.is_file():
-        try:
-            emb = np.load(path, mmap_mode="r", allow_pickle=False)
-            if emb.shape == (len(ds), ckpt.spec.dim) and emb.dtype == np.float32:
-                return emb
-        except (OSError, ValueError):
-            pass  # unreadable cache entry: recompute and replace it
-    emb = embed_images(ckpt.model, ds, ckpt.preprocess, progress=progress, desc=desc)
-    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{key[:16]}-{ds.digest()[:16]}-{len(ds)}.npy"
+
+
+def read_cached(path: Path, n: int, dim: int) -> np.ndarray | None:
+    """The cached [n, dim] float32 embeddings at ``path`` (memory-mapped), or None if absent or unusable."""
+    if not path.is_file():
+        return None
+    try:
+        emb = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # unreadable cache entry: the caller recomputes and replaces it
+    return emb if emb.shape == (n, dim) and emb.dtype == np.float32 else None
+
+
+def write_cached(path: Path, emb: np.ndarray) -> np.ndarray:
+    """Write ``emb`` to ``path`` atomically (temp file, then rename); returns it memory-mapped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        np.save(f, emb, allow_pickle=False)
+        np.save(f, np.ascontiguousarray(emb, dtype=np.float32), allow_pickle=False)
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r", allow_pickle=False)
 

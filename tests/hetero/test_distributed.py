@@ -66,16 +66,26 @@ def test_torchrun_training_matches_one_process(trained, one_thread):
 
 def test_torchrun_evaluate_splits_the_gallery_and_gathers_it(trained, tmp_path, one_thread):
     d, _, _ = trained
-    # an empty cache: the two ranks embed half the gallery (and queries) each and gather the rows
-    r = launch("evaluate", "--cloud", d / "cloud", "--edge", d / "two", "--data", "synthetic", "--out", tmp_path / "rep",
-               "--quiet", cwd=tmp_path, nproc=2, cache=tmp_path / "empty-cache")
+    # an empty cache: the two ranks embed half the gallery (and queries) each, gather the rows, and
+    # rank 0 writes them to the cache; a second run reads them from there
+    args = ("evaluate", "--cloud", d / "cloud", "--edge", d / "two", "--data", "synthetic", "--quiet")
+    r = launch(*args, "--out", tmp_path / "rep", cwd=tmp_path, nproc=2, cache=tmp_path / "empty-cache")
     assert r.stdout.count("report:") == 1  # rank 0 alone logs and writes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-cache", "rep"]
+    def entries():
+        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / "empty-cache" / "targets").iterdir()}
+
+    first = entries()
+    assert len(first) == 4 and not any(n.startswith(".") for n in first)  # cloud gallery/queries, edge queries/gallery
+    launch(*args, "--out", tmp_path / "rep2", cwd=tmp_path, nproc=2, cache=tmp_path / "empty-cache")
+    assert entries() == first  # read, not rewritten
     two = json.loads((tmp_path / "rep" / "report.json").read_text())["retrieval"]
+    again = json.loads((tmp_path / "rep2" / "report.json").read_text())["retrieval"]
     one = evaluate(str(d / "cloud"), str(d / "two"), data="synthetic", progress=False, log=lambda s: None)["retrieval"]
-    for a, b in zip(one, two, strict=True):
+    for a, b, c in zip(one, two, again, strict=True):
         for k in ("map_at_r", "recall_at_1", "recall_at_10"):
             assert a[k] == pytest.approx(b[k], abs=1e-6), (a, b)  # the same embeddings, row for row
+            assert c[k] == pytest.approx(b[k], abs=1e-6), (c, b)
 
 
 def test_shard_and_chunk_cover_every_row():
