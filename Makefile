@@ -64,7 +64,7 @@ deploy: data
 		--out runs/demo/deploy --overwrite
 
 test: data ssh browser
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 bench: data
 	$(PY) benchmarks/metrics_speed.py

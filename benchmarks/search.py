@@ -3,7 +3,9 @@ Fashion-MNIST, queries = test (10k), gallery = train (60k) embedded by the cloud
 
 Steps, each resumable (state in ``--out``, a JSON rewritten after every step; the supernet resumes
 per epoch):
-1. the cloud: the shipped pretrained ResNet-20 (paragon 0.8524 mAP@R), or ``--cloud``;
+1. the cloud: the shipped pretrained ResNet-20 (paragon 0.8524 mAP@R), ``--cloud CKPT``, or one
+   trained here with ``--cloud-model`` (e.g. ``resnet20 --cloud-kwargs width=32``: 4x the FLOPs,
+   so every cost ratio is 4x larger; its training time and paragon are reported);
 2. the supernet: ``hetero train-supernet`` (``--supernet-epochs``);
 3. the search: one budget per hand-designed edge's FLOPs plus the 80x budget (cloud FLOPs / 80);
 4. every searched subnet fine-tuned from the supernet, and every hand-designed edge trained from
@@ -12,6 +14,8 @@ per epoch):
    flip rate, FLOPs, params, cost ratio, and p50 latency on host-cpu-1thread (ONNX, batch 1).
 
     python benchmarks/search.py                                   # full run (hours on 2 cores)
+    python benchmarks/search.py --cloud-model resnet20 --cloud-kwargs width=32 --cloud-epochs 8 \
+        --space benchmarks/search_space_head128.json --supernet-epochs 4 --population 25 --generations 3   # the README's run
     python benchmarks/search.py --smoke --out /tmp/search.json    # minutes: small data, 1 epoch each
 """
 from __future__ import annotations
@@ -67,7 +71,8 @@ def markdown(state: dict) -> str:
            f"Measured on {h.get('processor', '?')} ({h.get('cpu_count', '?')} CPUs), {h.get('date', '?')}. Cloud: "
            f"{state.get('cloud', '?')} (paragon mAP@R {state.get('paragon', float('nan')):.4f}, "
            f"{state.get('cloud_flops', 0) / 1e6:.2f} MFLOPs). Recipe {state.get('recipe')}, {state.get('edge_epochs')} "
-           f"epochs on both sides; supernet {state.get('supernet_epochs')} epochs.", "",
+           f"epochs on both sides; supernet {state.get('supernet_epochs')} epochs. Space: {state.get('space', 'default')} "
+           "(changes to the defaults of hetero/nas/space.py).", "",
            "| edge | kind | budget | MFLOPs | params | cost ratio | edge->cloud mAP@R | gap (pts) | criterion | NFR | "
            "p50 ms (host-cpu-1thread) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -194,6 +199,9 @@ def main() -> int:
                                       generations=1 if args.smoke else args.generations))
         state["search"] = {k: res[k] for k in ("evaluations", "search_seconds", "best")}
         save()
+    for ext in ("json", "png"):  # every candidate and the plot, next to the results
+        if (work / "search" / f"pareto.{ext}").is_file():
+            shutil.copyfile(work / "search" / f"pareto.{ext}", out.with_name(f"{out.stem}_pareto.{ext}"))
     done = {r["name"] for r in state["rows"]}
     jobs = [(f"hand {n}", "hand-designed", None, m, kw) for n, (m, kw) in HAND.items()]
     jobs += [(f"searched {b}", "searched", b, None, None) for b in budgets]
