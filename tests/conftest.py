@@ -63,6 +63,17 @@ def saved(tmp_path_factory, tiny_cloud, tiny_edge):
     return root
 
 
+# A NAS space with every gene still elastic (width, depth, kernel, expand, squeeze-excite) at a few
+# times less compute than the default one: supernet tests check the pipeline, not what a full space finds
+SMALL_SPACE = {"stem": 8, "stages": [[8, 1, 1], [16, 2, 2], [24, 2, 2]], "kernels": [3, 5], "expands": [2, 3],
+               "widths": [0.5, 1.0]}
+
+
+@pytest.fixture(scope="session")
+def small_space() -> dict:
+    return SMALL_SPACE
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test (deterministic sums; the subprocesses it compares with use one)."""

@@ -216,16 +216,22 @@ def measure_latency(net, arch, meta: dict[str, Any], profile: str) -> float:
     return float(res["results"][0]["p50_ms"])
 
 
-def _feasible_random(space, ev: Evaluator, budget: Budget, rng: random.Random, tries: int = 300):
+def _feasible_random(space, ev: Evaluator, budget: Budget, rng: random.Random, tries: int = 300,
+                     width: float | None = None):
+    """A random arch within ``budget`` (at ``width`` if given), or None if that width cannot meet it."""
     from hetero.nas.space import mutate, sample, smallest
 
     for _ in range(tries):
-        a = sample(space, rng)
+        a = sample(space, rng, width)
         if ev.cost(a, budget) <= budget.value:
             return a
-    a = smallest(space)  # a tight budget: walk out from the smallest arch
+    a = smallest(space, width)  # a tight budget: walk out from the smallest arch
+    if ev.cost(a, budget) > budget.value:
+        return None
     for _ in range(tries):
         b = mutate(a, space, rng, 0.3)
+        if width is not None and b.width != width:
+            continue
         if ev.cost(b, budget) <= budget.value:
             return b
     return a
@@ -253,11 +259,16 @@ def evolve(ev: Evaluator, budget: Budget, cfg: SearchConfig, rng: random.Random,
     pop = {}
     for a in _evaluated_within(ev, budget)[:max(1, int(round(cfg.parents * cfg.population)))]:
         pop[a.key()] = a  # warm start: the best candidates an earlier budget already scored that fit this one
-    for _ in range(5 * cfg.population):  # a tight budget may hold fewer distinct archs than the population
+    # random archs, a width at a time in turn: drawn uniformly and filtered by the budget, the narrow
+    # widths would crowd out the wide ones (a wide, shallow net can fit a budget too, but a uniform
+    # draw rarely lands there)
+    widths = [w for w in space.widths if ev.cost(smallest(space, w), budget) <= budget.value]
+    for i in range(5 * cfg.population):  # a tight budget may hold fewer distinct archs than the population
         if len(pop) >= cfg.population:
             break
-        a = _feasible_random(space, ev, budget, rng)
-        pop[a.key()] = a
+        a = _feasible_random(space, ev, budget, rng, width=widths[i % len(widths)])
+        if a is not None:
+            pop[a.key()] = a
     scored = sorted(pop.values(), key=score, reverse=True)
     n_par = max(1, int(round(cfg.parents * cfg.population)))
     for _ in range(cfg.generations):

@@ -263,9 +263,10 @@ def _build(space: SearchSpace, width: float, depths: list[int], genes: dict[str,
     return Arch(width=float(width), depths=tuple(depths), **per)
 
 
-def sample(space: SearchSpace, rng: random.Random) -> Arch:
-    """A uniformly random arch (each gene drawn independently), reproducible from ``rng``."""
-    width = rng.choice(space.widths)
+def sample(space: SearchSpace, rng: random.Random, width: float | None = None) -> Arch:
+    """A uniformly random arch (each gene drawn independently), reproducible from ``rng``; ``width``
+    fixes the width multiplier instead of drawing it."""
+    width = rng.choice(space.widths) if width is None else width
     depths = [rng.randint(1, d) for _, d, _ in space.stages]
     genes = {key: {s: rng.choice(getattr(space, key)) for s in _slots(space)} for key in _GENES}
     return _build(space, width, depths, genes)
@@ -276,9 +277,10 @@ def largest(space: SearchSpace) -> Arch:
     return _build(space, space.max_width, [d for _, d, _ in space.stages], genes)
 
 
-def smallest(space: SearchSpace) -> Arch:
+def smallest(space: SearchSpace, width: float | None = None) -> Arch:
+    """The cheapest arch, at the narrowest width or at ``width``."""
     genes = {key: {s: min(getattr(space, key)) for s in _slots(space)} for key in _GENES}
-    return _build(space, min(space.widths), [1] * len(space.stages), genes)
+    return _build(space, min(space.widths) if width is None else width, [1] * len(space.stages), genes)
 
 
 def _genes(arch: Arch, space: SearchSpace) -> dict[str, dict[tuple[int, int], Any]]:

@@ -28,9 +28,12 @@ def one_line_error(code, err, *words):
 
 
 @pytest.fixture(scope="module")
-def supernet(saved, tmp_path_factory):
+def supernet(saved, tmp_path_factory, small_space):
     out = tmp_path_factory.mktemp("nas") / "supernet"
-    assert main(["train-supernet", "--cloud", str(saved / "cloud"), "--out", str(out), "--epochs", "1", *SN]) == 0
+    space = out.with_name("space.json")
+    space.write_text(json.dumps(small_space))
+    assert main(["train-supernet", "--cloud", str(saved / "cloud"), "--out", str(out), "--epochs", "1", "--space",
+                 str(space), *SN]) == 0
     return out
 
 
@@ -63,14 +66,14 @@ def test_supernet_directory(supernet, saved):
     assert hist["subnets_per_step"] == 4 and not (supernet / "train_state.pt").exists()  # finished: no resume state
 
 
-def test_resume_after_an_interruption_gives_the_same_weights(saved, synth, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_gives_the_same_weights(saved, synth, tmp_path, monkeypatch, small_space):
     from hetero.checkpoint import load_checkpoint
     from hetero.data import load_dataset
     from hetero.nas import train as nt
 
     cloud = load_checkpoint(saved / "cloud")
     data = load_dataset("synthetic", "train")
-    cfg = nt.SupernetConfig(epochs=2, batch_size=64, limit=300, val_size=60, n_random=1)
+    cfg = nt.SupernetConfig(epochs=2, batch_size=64, limit=300, val_size=60, n_random=1, space=small_space)
     nt.train_supernet(cfg, cloud, data, tmp_path / "full", progress=False, log=lambda s: None)
     real = nt.save_supernet
 
@@ -213,3 +216,27 @@ def test_train_supernet_with_a_space_file(saved, tmp_path, capsys):
     one_line_error(*run(capsys, "train-supernet", "--cloud", saved / "cloud", "--out", tmp_path / "x", "--space",
                         tmp_path / "none.json", *SN)[::2], "does not exist")
     assert not (tmp_path / "x").exists()
+
+
+def test_every_width_that_fits_the_budget_starts_in_the_population(supernet, saved):
+    """A budget only the shallowest wide nets meet: a uniform draw filtered by the budget almost never
+    lands there, so the first population is filled a width at a time (the 2026-11-26 benchmark's
+    search scored 189 width-0.5 archs of 198 before this)."""
+    import random
+
+    from hetero.checkpoint import load_checkpoint
+    from hetero.data import load_dataset
+    from hetero.nas.search import Evaluator, SearchConfig, evolve, parse_budget
+    from hetero.nas.space import smallest
+    from hetero.nas.supernet import arch_flops
+    from hetero.nas.train import load_supernet
+
+    net, meta = load_supernet(supernet)
+    cfg = SearchConfig(population=6, generations=0)
+    ev = Evaluator(net, meta, load_checkpoint(saved / "cloud"), load_dataset("synthetic", "train"), cfg, progress=False)
+    wide = max(net.space.widths)
+    budget = 1.1 * arch_flops(smallest(net.space, wide), net.space, ev.dim)
+    best = evolve(ev, parse_budget(f"flops={budget / 1e6:.6f}M"), cfg, random.Random(0))
+    widths = {rec["arch"]["width"] for rec in ev.records.values()}
+    assert widths == set(net.space.widths), widths
+    assert best["cost"] <= budget and all(rec["flops"] <= budget for rec in ev.records.values())

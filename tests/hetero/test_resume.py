@@ -169,7 +169,7 @@ def test_resume_refusals(interrupted, cloud, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("stop_at, position", [(10, {"epoch": 1, "step": 1}), (5, {"epoch": 0, "step": 3})])
-def test_supernet_resumes_from_the_last_step(cloud, tmp_path, monkeypatch, one_thread, stop_at, position):
+def test_supernet_resumes_from_the_last_step(cloud, tmp_path, monkeypatch, one_thread, small_space, stop_at, position):
     """train-supernet saves mid-epoch too (out/steps); a resume there ends with the uninterrupted weights.
     Stopped in epoch 2 (after epoch 1's output), and in epoch 1 (nothing but the step state yet)."""
     import hetero.data
@@ -178,7 +178,8 @@ def test_supernet_resumes_from_the_last_step(cloud, tmp_path, monkeypatch, one_t
     from hetero.nas import train as nt
 
     c, data = load_checkpoint(cloud), load_dataset("synthetic", "train")
-    cfg = nt.SupernetConfig(epochs=2, batch_size=32, limit=300, val_size=60, n_random=1)  # 8 steps per epoch
+    cfg = nt.SupernetConfig(epochs=2, batch_size=32, limit=300, val_size=60, n_random=1,  # 8 steps per epoch
+                            space=small_space)
     quiet = lambda s: None  # noqa: E731
     nt.train_supernet(cfg, c, data, tmp_path / "full", progress=False, log=quiet, save_every=3)
     real, seen = hetero.data.iterate_batches, []
@@ -197,7 +198,7 @@ def test_supernet_resumes_from_the_last_step(cloud, tmp_path, monkeypatch, one_t
     assert read_state(tmp_path / "cut" / nt.STEPS)["meta"]["position"] == position
     assert (tmp_path / "cut" / nt.META).is_file() == (position["epoch"] == 1)
     with pytest.raises(HeteroError, match="differ"):
-        nt.train_supernet(nt.SupernetConfig(epochs=2, batch_size=32, limit=300, val_size=60, n_random=2), c, data,
+        nt.train_supernet(nt.SupernetConfig(epochs=2, batch_size=32, limit=300, val_size=60, n_random=2, space=small_space), c, data,
                           tmp_path / "cut", resume=True, progress=False, log=quiet)
     nt.train_supernet(cfg, c, data, tmp_path / "cut", resume=True, progress=False, log=quiet, save_every=3)
     assert not (tmp_path / "cut" / nt.STEPS).exists() and not (tmp_path / "cut" / nt.STATE).exists()
