@@ -523,8 +523,11 @@ def test_full_disk_when_saving_a_checkpoint(art, full_disk):
 
 def _interrupt(argv, started, sig, *, env=None, timeout=120):
     """Run ``hetero argv``, wait until ``started()`` says real work is under way, send ``sig``."""
+    # SIGINT at its default in the child, as in a terminal: a shell running the suite in the background
+    # (`make test &`) starts it ignored, and Python then never raises KeyboardInterrupt
     p = subprocess.Popen([sys.executable, "-m", "hetero", *map(str, argv)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env or _env())
+                         stderr=subprocess.PIPE, text=True, env=env or _env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while not started() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
