@@ -68,18 +68,20 @@ def markdown(state: dict) -> str:
     rows = state.get("rows", [])
     h = state.get("host", {})
     out = ["# Architecture search vs hand-designed edges (queries: test 10k; gallery: train 60k, cloud-embedded)", "",
-           f"Measured on {h.get('processor', '?')} ({h.get('cpu_count', '?')} CPUs), {h.get('date', '?')}. Cloud: "
+           f"Last run on {h.get('processor', '?')} ({h.get('cpu_count', '?')} CPUs), {h.get('date', '?')}; supernet trained "
+           f"on {state.get('supernet_trained_on', 'this host')}, each edge where its row says. Cloud: "
            f"{state.get('cloud', '?')} (paragon mAP@R {state.get('paragon', float('nan')):.4f}, "
            f"{state.get('cloud_flops', 0) / 1e6:.2f} MFLOPs). Recipe {state.get('recipe')}, {state.get('edge_epochs')} "
            f"epochs on both sides; supernet {state.get('supernet_epochs')} epochs. Space: {state.get('space', 'default')} "
            "(changes to the defaults of hetero/nas/space.py).", "",
            "| edge | kind | budget | MFLOPs | params | cost ratio | edge->cloud mAP@R | gap (pts) | criterion | NFR | "
-           "p50 ms (host-cpu-1thread) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "p50 ms (host-cpu-1thread) | trained on |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = f"{r['latency_ms']:.3f}" if r.get("latency_ms") else "-"
         out.append(f"| {r['name']} | {r['kind']} | {r.get('budget') or '-'} | {r['flops'] / 1e6:.3f} | {r['params']:,} | "
                    f"{r['cost_ratio']:.1f}x | {r['map_at_r']:.4f} | {100 * r['gap_to_paragon']:.2f} | "
-                   f"{'yes' if r['criterion_met'] else 'no'} | {100 * r['negative_flip_rate']:.2f}% | {lat} |")
+                   f"{'yes' if r['criterion_met'] else 'no'} | {100 * r['negative_flip_rate']:.2f}% | {lat} | "
+                   f"{r.get('trained_on', 'this host')} |")
     for pts in (0.3, 1.0):
         ok = [r for r in rows if 100 * r["gap_to_paragon"] <= pts]
         best = max(ok, key=lambda r: r["cost_ratio"]) if ok else None
@@ -89,7 +91,11 @@ def markdown(state: dict) -> str:
     if state.get("search"):
         s = state["search"]
         out += ["", f"Search: {s['evaluations']} candidates in {s['search_seconds']:.0f} s "
-                f"({s['search_seconds'] / max(1, s['evaluations']):.2f} s each, BN recalibration included)."]
+                f"({s['search_seconds'] / max(1, s['evaluations']):.2f} s each, BN recalibration included) on "
+                f"{s.get('ran_on', 'this host')}."]
+    if state.get("latency_remeasured"):
+        out += ["", f"Latency measured on {state.get('latency_host', h.get('processor', '?'))}, "
+                f"{state['latency_remeasured']}, idle."]
     return "\n".join(out) + "\n"
 
 
@@ -131,6 +137,9 @@ def main() -> int:
     ap.add_argument("--work", default="runs/bench-search", help="where the supernet, search and edges go")
     ap.add_argument("--out", default="benchmarks/results/search.json")
     ap.add_argument("--smoke", action="store_true", help="small data and 1 epoch everywhere: checks the pipeline")
+    ap.add_argument("--skip-latency", action="store_true",
+                    help="leave the latency column empty (e.g. on a GPU host, whose CPU is not the one to report); "
+                         "fill it later with --remeasure-latency")
     ap.add_argument("--remeasure-latency", action="store_true",
                     help="time the finished rows' saved edges again (e.g. on an idle host) and rewrite the results")
     args = ap.parse_args()
@@ -141,7 +150,7 @@ def main() -> int:
     from hetero.cli import _parse_kv
     from hetero.cost import count_flops
     from hetero.data import load_dataset
-    from hetero.embed import cloud_targets, embed_images
+    from hetero.embed import cloud_targets, embed_on_training_device
     from hetero.nas.search import SearchConfig, read_arch, search
     from hetero.nas.train import SupernetConfig, load_supernet, train_supernet
     from hetero.pretrained import load_pretrained
@@ -168,8 +177,13 @@ def main() -> int:
             cloud = load_checkpoint(work / "cloud")
     queries = test.subset(2000) if args.smoke else test
     g_cloud = np.asarray(cloud_targets(cloud, train))
-    q_cloud = embed_images(cloud.model, queries, cloud.preprocess)
-    state.update({"label": "measured", "host": host_info(), "cloud": cloud_desc, "recipe": recipe,
+    q_cloud = embed_on_training_device(cloud.model, queries, cloud.preprocess)
+    from hetero import distributed
+
+    dev, hi = distributed.device(), host_info()
+    where = (f"{torch.cuda.get_device_name(dev)} ({hi['cpu_count']}-CPU host)" if dev.type == "cuda"
+             else f"{hi['processor']} ({hi['cpu_count']} CPUs)")  # what trains and searches in this run
+    state.update({"label": "measured", "host": hi, "cloud": cloud_desc, "recipe": recipe,
                   "edge_epochs": e_epochs, "supernet_epochs": sn_epochs, "smoke": args.smoke,
                   "space": json.loads(Path(args.space).read_text()) if args.space else "default",
                   "cloud_flops": count_flops(cloud.model, cloud.input_shape)})
@@ -188,6 +202,7 @@ def main() -> int:
                                              space=space),
                               cloud, train, sn, resume=(sn / "supernet.json").is_file())
         state["supernet_seconds"] = state.get("supernet_seconds", 0) + time.perf_counter() - t0
+        state["supernet_trained_on"] = where
         save()
     hand_flops = {}
     for name, (model, kw) in HAND.items():
@@ -199,7 +214,7 @@ def main() -> int:
         res = search(str(sn), str(cloud.path), budgets, out=str(work / "search"),
                      cfg=SearchConfig(population=8 if args.smoke else args.population,
                                       generations=1 if args.smoke else args.generations))
-        state["search"] = {k: res[k] for k in ("evaluations", "search_seconds", "best")}
+        state["search"] = {**{k: res[k] for k in ("evaluations", "search_seconds", "best")}, "ran_on": where}
         save()
     for ext in ("json", "png"):  # every candidate and the plot, next to the results
         if (work / "search" / f"pareto.{ext}").is_file():
@@ -208,7 +223,8 @@ def main() -> int:
         for row in state["rows"]:
             row["latency_ms"] = latency(load_checkpoint(work / row["name"].replace(" ", "-")))
             print(f"{row['name']}: p50 {row['latency_ms']:.3f} ms", flush=True)
-        state["latency_remeasured"] = host_info()["date"]
+        hi = host_info()
+        state["latency_remeasured"], state["latency_host"] = hi["date"], f"{hi['processor']} ({hi['cpu_count']} CPUs)"
         save()
     done = {r["name"] for r in state["rows"]}
     jobs = [(f"hand {n}", "hand-designed", None, m, kw) for n, (m, kw) in HAND.items()]
@@ -227,11 +243,12 @@ def main() -> int:
         ckpt = train_edge(cfg, cloud, train, init_state=init)
         save_checkpoint(ckpt, work / name.replace(" ", "-"), overwrite=True)
         row = {"name": name, "kind": kind, "budget": budget, **score(ckpt, cloud, queries, train, g_cloud, q_cloud),
-               "train_seconds": time.perf_counter() - t0}
+               "train_seconds": time.perf_counter() - t0, "trained_on": where}
         row["cost_ratio"] = state["cloud_flops"] / row["flops"]
         state["paragon"] = row["paragon"]
         try:
-            row["latency_ms"] = latency(ckpt)
+            if not args.skip_latency:
+                row["latency_ms"] = latency(ckpt)
         except Exception as e:  # noqa: BLE001 - latency is a column, not the benchmark
             row["latency_error"] = str(e).splitlines()[0]
         state["rows"].append(row)

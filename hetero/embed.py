@@ -24,14 +24,16 @@ def embed_images(model: torch.nn.Module, ds: ImageSet, prep: Preprocess, *, batc
 
     Large images are embedded in smaller batches (at most ``_MAX_BATCH_BYTES`` of input), so memory
     does not grow with the image size; a lazy set (an ImageFolder) is decoded a batch at a time, in
-    ``num_workers`` processes (see :func:`~hetero.data.iterate_batches`)."""
+    ``num_workers`` processes (see :func:`~hetero.data.iterate_batches`). The model runs where its
+    weights are (a GPU model gets its batches moved there); the embeddings come back on the CPU."""
     model.eval()
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     out: list[np.ndarray] = []
     per_image = 4 * prep.channels * prep.size * prep.size
     batch_size = max(1, min(batch_size, _MAX_BATCH_BYTES // per_image))
     bar = progress_bar(total=len(ds), desc=desc, unit="img", disable=not progress, leave=False)
     for x, _, _ in iterate_batches(ds.conform(prep), prep, batch_size, num_workers=num_workers):
-        out.append(model(x).float().numpy())
+        out.append(model(x.to(dev)).float().cpu().numpy())
         bar.update(len(x))
     bar.close()
     emb = np.concatenate(out) if out else np.zeros((0, getattr(model, "dim", 0)), np.float32)
@@ -61,7 +63,24 @@ def cached_embeddings(ckpt, ds: ImageSet, *, progress: bool = True, directory: P
     emb = read_cached(path, len(ds), ckpt.spec.dim)
     if emb is not None:
         return emb
-    return write_cached(path, embed_images(ckpt.model, ds, ckpt.preprocess, progress=progress, desc=desc))
+    return write_cached(path, embed_on_training_device(ckpt.model, ds, ckpt.preprocess, progress=progress, desc=desc))
+
+
+def embed_on_training_device(model: torch.nn.Module, ds: ImageSet, prep: Preprocess, **kw) -> np.ndarray:
+    """:func:`embed_images` on the device training runs on (:func:`hetero.distributed.device`: a GPU
+    with ``HETERO_DEVICE=cuda`` or under torchrun), so a GPU run does not embed its cloud targets on
+    the CPU. A CPU model is moved there for the pass and back afterwards."""
+    from hetero import distributed
+
+    dev = distributed.device()
+    here = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dev.type == "cpu" or here != torch.device("cpu"):
+        return embed_images(model, ds, prep, **kw)
+    model.to(dev)
+    try:
+        return embed_images(model, ds, prep, **kw)
+    finally:
+        model.cpu()
 
 
 def embeddings_cache_path(ckpt, ds: ImageSet, *, key: str | None = None, directory: Path | None = None) -> Path:

@@ -145,6 +145,7 @@ class Evaluator:
 
     @torch.no_grad()
     def reward(self, arch) -> dict[str, Any]:
+        from hetero import distributed
         from hetero.metrics import retrieval_metrics
         from hetero.nas.supernet import arch_flops, arch_params, recalibrate_bn
 
@@ -152,10 +153,15 @@ class Evaluator:
         if key in self.records:
             return self.records[key]
         t0 = time.perf_counter()
-        self.net.set_active(arch)
-        recalibrate_bn(self.net, self.calib)
-        self.net.eval()
-        q = torch.cat([self.net(self.val_x[i:i + 512]) for i in range(0, len(self.val_x), 512)]).numpy()
+        dev = distributed.device()  # a GPU with HETERO_DEVICE=cuda; the supernet goes back to the CPU after
+        self.net.to(dev).set_active(arch)
+        try:
+            recalibrate_bn(self.net, self.calib)
+            self.net.eval()
+            q = torch.cat([self.net(self.val_x[i:i + 512].to(dev)).cpu()
+                           for i in range(0, len(self.val_x), 512)]).numpy()
+        finally:
+            self.net.cpu()
         m = retrieval_metrics(q, self.val_set.labels, self.gallery, self.gallery_set.labels)
         rec = {"arch": arch.to_dict(), "map_at_r": m["map_at_r"], "recall_at_1": m["recall_at_1"],
                "flops": int(arch_flops(arch, self.net.space, self.dim)),
