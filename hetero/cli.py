@@ -356,8 +356,10 @@ def cmd_train_supernet(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from hetero.nas.search import SearchConfig, search
 
-    kw = {k: getattr(args, k) for k in ("population", "generations", "mutate_prob", "val_limit", "seed", "lut")
-          if getattr(args, k) is not None}
+    kw = {k: getattr(args, k) for k in ("population", "generations", "mutate_prob", "val_limit", "seed", "lut",
+                                        "finetune_top", "finetune_epochs") if getattr(args, k) is not None}
+    if args.finetune_losses:
+        kw["finetune_losses"] = _parse_kv(args.finetune_losses, "--finetune-losses")
     search(args.supernet, args.cloud, args.budget, data=args.data, out=args.out, cfg=SearchConfig(**kw),
            progress=not args.quiet)
     return 0
@@ -717,6 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-limit", type=int, help="score on the first N validation images (default all)")
     p.add_argument("--lut", help="latency budgets: predict from this latency look-up table (JSON; created if missing, "
                                  "missing blocks measured into it); without it each candidate is timed whole")
+    p.add_argument("--finetune-top", type=int, help="per budget, fine-tune the best N candidates by the supernet proxy "
+                                                    "and choose among them by the fine-tuned reward (default 0: off)")
+    p.add_argument("--finetune-epochs", type=int, help="epochs of that fine-tuning (default 1)")
+    p.add_argument("--finetune-losses", help="its loss recipe, e.g. influence=1 (default: the supernet's losses)")
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_search)

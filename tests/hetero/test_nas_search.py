@@ -240,3 +240,30 @@ def test_every_width_that_fits_the_budget_starts_in_the_population(supernet, sav
     widths = {rec["arch"]["width"] for rec in ev.records.values()}
     assert widths == set(net.space.widths), widths
     assert best["cost"] <= budget and all(rec["flops"] <= budget for rec in ev.records.values())
+
+
+def test_finetuning_the_finalists_chooses_among_the_proxys_top_n(supernet, saved, tmp_path, capsys):
+    """--finetune-top N: each budget's choice is the best of the proxy's top N after a short
+    fine-tune (scored on the validation split, never trained on it), recorded in pareto.json."""
+    from hetero.nas.space import Arch
+    from hetero.nas.train import load_supernet
+
+    net, _ = load_supernet(supernet)
+    out = tmp_path / "search"
+    code, _, err = run(capsys, "search", "--supernet", supernet, "--cloud", saved / "cloud", "--data", "synthetic",
+                       "--budget", "params=40k", "--out", out, "--population", "4", "--generations", "0",
+                       "--finetune-top", "2", "--finetune-epochs", "1", "--finetune-losses", "influence=1", "--quiet")
+    assert code == 0, err
+    res = json.loads((out / "pareto.json").read_text())
+    fits = sorted((c for c in res["candidates"] if c["params"] <= 40_000), key=lambda c: c["map_at_r"], reverse=True)
+    top = [Arch.from_dict(c["arch"], net.space).key() for c in fits[:2]]
+    ft = {Arch.from_dict(f["arch"], net.space).key(): f for f in res["finetuned"]}
+    assert sorted(ft) == sorted(top)  # exactly the proxy's top 2 were fine-tuned
+    assert all(f["epochs"] == 1 and f["losses"] == {"influence": 1} and 0 < f["map_at_r"] <= 1 for f in ft.values())
+    chosen = json.loads((out / "arch.json").read_text())
+    key = Arch.from_dict(chosen["arch"], net.space).key()
+    assert key in ft and ft[key]["map_at_r"] == max(f["map_at_r"] for f in ft.values())
+    assert chosen["val_map_at_r_finetuned"] == ft[key]["map_at_r"]
+    code, _, err = run(capsys, "search", "--supernet", supernet, "--cloud", saved / "cloud", "--data", "synthetic",
+                       "--budget", "params=40k", "--out", tmp_path / "bad", "--finetune-top", "-1", "--quiet")
+    one_line_error(code, err, "--finetune-top")
