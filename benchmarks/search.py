@@ -78,7 +78,8 @@ def markdown(state: dict) -> str:
            "p50 ms (host-cpu-1thread) | trained on |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = f"{r['latency_ms']:.3f}" if r.get("latency_ms") else "-"
-        out.append(f"| {r['name']} | {r['kind']} | {r.get('budget') or '-'} | {r['flops'] / 1e6:.3f} | {r['params']:,} | "
+        out.append(f"| {r['name']}{' (= ' + r['same_as'] + ')' if r.get('same_as') else ''} | {r['kind']} | "
+                   f"{r.get('budget') or '-'} | {r['flops'] / 1e6:.3f} | {r['params']:,} | "
                    f"{r['cost_ratio']:.1f}x | {r['map_at_r']:.4f} | {100 * r['gap_to_paragon']:.2f} | "
                    f"{'yes' if r['criterion_met'] else 'no'} | {100 * r['negative_flip_rate']:.2f}% | {lat} | "
                    f"{r.get('trained_on', 'this host')} |")
@@ -95,7 +96,7 @@ def markdown(state: dict) -> str:
                 f"{s.get('ran_on', 'this host')}."]
         if s.get("finetune_top"):
             out += ["", f"Each budget's choice: the best of its top {s['finetune_top']} by the supernet proxy after "
-                    f"{s['finetune_epochs']} fine-tuning epochs on the training split minus validation "
+                    f"{s['finetune_epochs']} fine-tuning epoch{'s' if s['finetune_epochs'] != 1 else ''} on the training split minus validation "
                     f"({len(s['finetuned'])} subnets, {s['finetune_seconds']:.0f} s)."]
     if state.get("latency_remeasured"):
         out += ["", f"Latency measured on {state.get('latency_host', h.get('processor', '?'))}, "
@@ -248,6 +249,12 @@ def main() -> int:
             slug = budget.replace("=", "-")
             arch, space = read_arch(str(work / "search" / f"arch-{slug}.json"))
             model, kw = "nas_mbv3", {"arch": arch.to_dict(), "space": space.to_dict()}
+            twin = next((r for r in state["rows"] if r.get("arch") == arch.to_dict()), None)
+            if twin is not None:  # the same subnet chosen for an earlier budget: the same training, so not run twice
+                state["rows"].append({**twin, "name": name, "budget": budget, "same_as": twin["name"]})
+                save()
+                print(f"{name}: the same subnet as {twin['name']}", flush=True)
+                continue
             init = load_supernet(sn)[0].extract(arch).state_dict()
         cfg = TrainConfig(model=model, model_kwargs=kw, dim=cloud.spec.dim, epochs=e_epochs, losses=recipe, limit=limit)
         ckpt = train_edge(cfg, cloud, train, init_state=init)
@@ -255,6 +262,8 @@ def main() -> int:
         row = {"name": name, "kind": kind, "budget": budget, **score(ckpt, cloud, queries, train, g_cloud, q_cloud),
                "train_seconds": time.perf_counter() - t0, "trained_on": where}
         row["cost_ratio"] = state["cloud_flops"] / row["flops"]
+        if kind == "searched":
+            row["arch"] = kw["arch"]
         state["paragon"] = row["paragon"]
         try:
             if not args.skip_latency:
@@ -265,6 +274,7 @@ def main() -> int:
         save()
         print(f"{name}: mAP@R {row['map_at_r']:.4f}, gap {100 * row['gap_to_paragon']:.2f} pts, {row['cost_ratio']:.1f}x",
               flush=True)
+    save()  # also when every step was already done, so the markdown follows the JSON
     print(markdown(state))
     return 0
 

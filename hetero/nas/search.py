@@ -412,7 +412,9 @@ def search(supernet: str, cloud: str, budgets: list[str], *, data: str | None = 
                 if a.key() not in ev.finetuned:
                     ev.finetune(a)
                     bar.update(1)
-            pick = max(finalists[b.text], key=lambda a: ev.finetuned[a.key()]["map_at_r"])
+        tuned = [Arch.from_dict(f["arch"], net.space) for f in ev.finetuned.values()]
+        for b in parsed:  # the best fine-tuned subnet that fits, whichever budget's finalist it was
+            pick = max((a for a in tuned if ev.cost(a, b) <= b.value), key=lambda a: ev.finetuned[a.key()]["map_at_r"])
             best[b.text] = {**ev.reward(pick), "cost": ev.cost(pick, b),
                             "finetuned_map_at_r": ev.finetuned[pick.key()]["map_at_r"]}
             log(f"{b.text}: after fine-tuning the top {len(finalists[b.text])} for {cfg.finetune_epochs} epochs: "

@@ -243,8 +243,8 @@ def test_every_width_that_fits_the_budget_starts_in_the_population(supernet, sav
 
 
 def test_finetuning_the_finalists_chooses_among_the_proxys_top_n(supernet, saved, tmp_path, capsys):
-    """--finetune-top N: each budget's choice is the best of the proxy's top N after a short
-    fine-tune (scored on the validation split, never trained on it), recorded in pareto.json."""
+    """--finetune-top N: the proxy's top N are fine-tuned briefly (scored on the validation split,
+    never trained on it) and the choice is the best fine-tuned subnet that fits, recorded in pareto.json."""
     from hetero.nas.space import Arch
     from hetero.nas.train import load_supernet
 
