@@ -51,19 +51,22 @@ def cloud_targets(cloud, ds: ImageSet, *, progress: bool = True, directory: Path
 
     ``cloud`` is a loaded cloud :class:`~hetero.checkpoint.Checkpoint`. Returns a read-only memory map.
     """
-    return cached_embeddings(cloud, ds, progress=progress, directory=directory, key=cloud.space, desc="cloud targets")
+    return cached_embeddings(cloud, ds, progress=progress, directory=directory, key=cloud.space, desc="cloud targets",
+                             training_device=True)
 
 
 def cached_embeddings(ckpt, ds: ImageSet, *, progress: bool = True, directory: Path | None = None,
-                      key: str | None = None, desc: str = "embed") -> np.ndarray:
+                      key: str | None = None, desc: str = "embed", training_device: bool = False) -> np.ndarray:
     """Embeddings of ``ds`` by the checkpoint's model, cached like :func:`cloud_targets`, keyed by the
     model's own weights fingerprint (a cloud's equals its space) and the data digest. Verify uses it
-    for the torch edge model's queries and gallery, so a re-run only embeds through the runtimes."""
+    for the torch edge model's queries and gallery, so a re-run only embeds through the runtimes; those
+    stay on the CPU. ``training_device``: embed on the device training runs on (cloud targets)."""
     path = embeddings_cache_path(ckpt, ds, key=key, directory=directory)
     emb = read_cached(path, len(ds), ckpt.spec.dim)
     if emb is not None:
         return emb
-    return write_cached(path, embed_on_training_device(ckpt.model, ds, ckpt.preprocess, progress=progress, desc=desc))
+    embed = embed_on_training_device if training_device else embed_images
+    return write_cached(path, embed(ckpt.model, ds, ckpt.preprocess, progress=progress, desc=desc))
 
 
 def embed_on_training_device(model: torch.nn.Module, ds: ImageSet, prep: Preprocess, **kw) -> np.ndarray:
