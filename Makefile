@@ -63,8 +63,10 @@ deploy: data
 	$(VENV)/bin/hetero export --edge runs/demo/edge --cloud runs/demo/cloud --check-real --check-samples 10000 \
 		--out runs/demo/deploy --overwrite
 
+# one pytest-xdist worker per core, a whole test file per worker (its module fixtures built once); the
+# files with slow tests go first (tests/conftest.py) so that the workers finish together
 test: data ssh browser
-	$(VENV)/bin/pytest -q --durations=15
+	$(VENV)/bin/pytest -q --durations=15 -n auto --dist loadfile
 
 bench: data
 	$(PY) benchmarks/metrics_speed.py

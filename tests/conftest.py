@@ -6,7 +6,27 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread per pytest-xdist worker when the workers fill the cores (make test runs one per core)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with a test marked ``slow`` first: pytest-xdist hands out whole files in this order, so the
+    long ones start at once and the workers finish together instead of one running a long tail."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the order within a file is kept
+
+
+def pytest_report_header(config) -> list[str]:
+    """The kernels this run uses: .ci/run selects AVX2 ones on every CPU (see there why)."""
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    env = ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                                       "FAISS_OPT_LEVEL"))
+    return [f"cpu: {cpu}; torch kernels: {torch.backends.cpu.get_cpu_capability()}; {env}"]
 
 
 @pytest.fixture(autouse=True, scope="session")

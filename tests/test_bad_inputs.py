@@ -1,13 +1,18 @@
-"""Bad input, as a user types it: every case runs ``python -m hetero ...`` (or the torch-free
-``python -m devices run``) in its own process and must print exactly one ``error: ...`` line on
-stderr, no traceback, exit non-zero, and leave nothing behind (``--out`` absent or unchanged, no
-temp directory beside it). A few inputs must *work* (mixed image sizes and modes).
+"""Bad input, as a user types it: every case runs ``hetero ...`` (or the torch-free ``python -m devices
+run``) and must print exactly one ``error: ...`` line on stderr, no traceback, exit non-zero, and leave
+nothing behind (``--out`` absent or unchanged, no temp directory beside it). A few inputs must *work*
+(mixed image sizes and modes).
 
-The expensive artifacts (two clouds, an edge, an ONNX + Core ML export) are built once per module.
+Cases run in this process through the CLI's ``main(argv)`` (a traceback there is an exception the test
+sees) unless they need a real process: signals, the full-disk shim where tmpfs cannot be mounted, a
+module that must not be imported into the test process (an untrusted factory). The expensive artifacts
+(two clouds, an edge, an ONNX + Core ML export) are built once per module.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -16,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -78,9 +84,27 @@ def _env(extra: dict[str, str] | None = None, shim: Path | None = None) -> dict[
 
 
 def cli(*argv, module: str = "hetero", cwd: Path | None = None, env: dict[str, str] | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
-                          cwd=cwd, env=env or _env(), timeout=timeout)
+        timeout: float = 120, path: Sequence[Path] = ()) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGV``: in this process through ``main(argv)``, with ``path`` on sys.path,
+    or in a child process when it needs its own environment (``env``) or working directory."""
+    if env is not None or cwd is not None:
+        return subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
+                              cwd=cwd, env=env, timeout=timeout)
+    if module == "hetero":
+        from hetero.cli import main
+    else:
+        from devices.__main__ import main
+    out, err = io.StringIO(), io.StringIO()
+    sys.path[:0] = map(str, path)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        del sys.path[:len(path)]
+    return subprocess.CompletedProcess([module, *map(str, argv)], code, out.getvalue(), err.getvalue())
 
 
 def listing(d: Path) -> dict[str, str]:
@@ -324,8 +348,7 @@ BYO = ["import-cloud", "--factory", "tinybyo:make", "--dim", "8", "--size", "16"
 
 
 def _byo(art, place, weights, *extra):
-    return cli(*BYO, "--weights", art / "byo" / weights, "--out", place.path / "c", *extra,
-               env=_env({"PYTHONPATH": os.pathsep.join([str(art / "byo"), str(REPO)])}))
+    return cli(*BYO, "--weights", art / "byo" / weights, "--out", place.path / "c", *extra, path=[art / "byo"])
 
 
 @pytest.mark.parametrize("weights", ["evil.pt", "evil_legacy.pt"])
@@ -491,14 +514,14 @@ def full_disk(tmp_path, art):
     ENOSPC through the child shim. Yields (dir, env)."""
     mounted: list[Path] = []
 
-    def make(size: str) -> tuple[Path, dict[str, str]]:
+    def make(size: str) -> tuple[Path, dict[str, str] | None]:
         d = tmp_path / f"full-{size}"
         d.mkdir()
         if os.geteuid() == 0 and shutil.which("mount") and not os.environ.get("HETERO_TEST_NO_TMPFS"):
             r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
             if r.returncode == 0:
                 mounted.append(d)
-                return d, _env()
+                return d, None  # a real full disk: the case runs in this process
         return d, _env({"HETERO_TEST_ENOSPC": str(d)}, shim=art / "shim")
 
     yield make

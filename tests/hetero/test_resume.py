@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from hetero._resume import INFO, STATE, read_state
+from clitest import one_line_error, run
 from hetero.cli import main
 from hetero.errors import HeteroError
 
@@ -55,14 +56,16 @@ def same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cloud(tmp_path_factory):
+def cloud(saved, tmp_path_factory):
+    """The conftest's tiny cloud, in a directory of its own."""
+    import shutil
+
     d = tmp_path_factory.mktemp("resume")
-    r = hetero("train-cloud", "--out", "cloud", "--model", "test_resnet", "--data", "synthetic", "--dim", "16",
-               "--epochs", "1", "--batch-size", "64", "--quiet", cwd=d)
-    assert r.returncode == 0, r.stderr
+    shutil.copytree(saved / "cloud", d / "cloud")
     return d / "cloud"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train-edge", "train-cloud"])
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(command, cloud, tmp_path):
     # train-edge with --augment (online cloud targets, per-step augmentation seeds); train-cloud without
@@ -86,18 +89,6 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(command, cloud, tmp
     assert [{k: v for k, v in h.items() if k != "img_per_s"} for h in full["info"]["history"]] == \
            [{k: v for k, v in h.items() if k != "img_per_s"} for h in part["info"]["history"]]
 
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(code, err):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture

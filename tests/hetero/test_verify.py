@@ -10,32 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
+from clitest import PERMISSIVE_GATES, one_line_error, run
 from hetero.cli import main
 from hetero.verify.gates import DEFAULTS, load_gates, parse_gates, thresholds_for
 from hetero.verify.score import Scorer, top_overlap
 
-PERMISSIVE = """
-[all]
-compatibility_criterion = false
-max_gap_to_paragon = 1.0
-max_negative_flip_rate = 1.0
-[precision.fp16]
-min_drift_cosine = 0.99
-"""
 
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +27,7 @@ def bundle(saved, tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     export_checkpoint(load_checkpoint(saved / "edge"), root / "export", name="edge",
                       formats=("onnx", "onnx-fp16", "ort", "coreml-fp16"))
-    (root / "gates.toml").write_text(PERMISSIVE)
+    (root / "gates.toml").write_text(PERMISSIVE_GATES)
     return root
 
 
@@ -115,13 +95,16 @@ def test_metrics_match_a_brute_force_reference(verified, saved):
     p_map, _, _, p_top, p_ok = brute(qc)
     e_map, e_r1, e_r10, e_top, e_ok = brute(qe)
     m = next(r for r in rep["pairs"] if r["name"] == "torch @ torch")["metrics"]
-    assert rep["paragon"]["map_at_r"] == pytest.approx(p_map, abs=1e-5)
-    assert m["map_at_r"] == pytest.approx(e_map, abs=1e-5)
-    assert m["recall_at_1"] == pytest.approx(e_r1, abs=2e-3) and m["recall_at_10"] == pytest.approx(e_r10, abs=2e-3)
-    assert m["gap_to_paragon"] == pytest.approx(p_map - e_map, abs=1e-5)
+    # the report ranks in float32 (faiss), the reference in float64: a near-tie may swap two neighbours,
+    # so a count may differ by a query or two, and mAP@R by far less than a query's weight
+    q = 2 / len(ql)
+    assert rep["paragon"]["map_at_r"] == pytest.approx(p_map, abs=1e-3)
+    assert m["map_at_r"] == pytest.approx(e_map, abs=1e-3)
+    assert m["recall_at_1"] == pytest.approx(e_r1, abs=q) and m["recall_at_10"] == pytest.approx(e_r10, abs=q)
+    assert m["gap_to_paragon"] == pytest.approx(p_map - e_map, abs=2e-3)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(e_top, p_top)])
-    assert m["top10_overlap_paragon"] == pytest.approx(overlap, abs=3e-3)
-    assert m["flips_vs_paragon"]["negative"] == pytest.approx(float(np.mean(p_ok & ~e_ok)), abs=3e-3)
+    assert m["top10_overlap_paragon"] == pytest.approx(overlap, abs=q)
+    assert m["flips_vs_paragon"]["negative"] == pytest.approx(float(np.mean(p_ok & ~e_ok)), abs=q)
     assert m["top10_overlap_torch"] == 1.0 and m["drift"]["min"] == pytest.approx(1.0)
 
 
