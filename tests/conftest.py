@@ -8,7 +8,12 @@ import torch
 
 # one thread per pytest-xdist worker when the workers fill the cores (make test runs one per core)
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+torch.set_num_threads(THREADS)
+if WORKERS > 1:
+    # and as many in the processes the tests start (the CLI, torchrun): OpenMP threads beyond the cores
+    # spin against the other worker's and slow both
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -14,7 +14,7 @@ SHRINK = {
     "train-cloud": ["--data", "synthetic", "--limit", "400", "--epochs", "1"],
     "train-edge": ["--data", "synthetic", "--limit", "400", "--epochs", "1"],
     "evaluate": ["--data", "synthetic", "--quiet"],
-    "export": ["--check-samples", "200"],
+    "export": ["--check-samples", "200", "--data", "synthetic"],  # gallery and calibration: the edge's own data
     "bench": ["--iters", "5", "--quiet"],
     "fit-classifier": ["--data", "synthetic", "--epochs", "1", "--quiet"],
     "demo": ["--train-limit", "500", "--gallery-limit", "1000", "--query-limit", "200", "--edge-epochs", "1", "--quiet",

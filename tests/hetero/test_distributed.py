@@ -99,7 +99,8 @@ def test_torchrun_evaluate_splits_the_gallery_and_gathers_it(trained, tmp_path, 
         for k in ("map_at_r", "recall_at_1", "recall_at_10"):
             # the same model, embedded in other batch shapes: equal up to a near-tie swap (one query)
             assert a[k] == pytest.approx(b[k], abs=1 / 500), (a, b)
-            assert c[k] == pytest.approx(b[k], abs=1e-9), (c, b)  # read back from the cache: the same rows
+            # the same cached rows, scored in another process set-up (faiss and the mean may sum in another order)
+            assert c[k] == pytest.approx(b[k], abs=1e-6), (c, b)
 
 
 def test_shard_and_chunk_cover_every_row():
