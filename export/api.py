@@ -17,7 +17,7 @@ import torch
 from export.base import EXPORTERS, Exporter, ExportJob, FormatCannotExpress, exporter, fidelity
 from export.manifest import FILENAME, new_manifest
 from export.manifest import FORMAT as MANIFEST_FORMAT
-from hetero._atomic import atomic_dir, check_writable_dest, write_json_atomic
+from hetero._atomic import atomic_dir, check_output_dest, write_json_atomic
 from hetero._progress import progress_bar
 from hetero.errors import HeteroError
 
@@ -32,11 +32,12 @@ __all__ = ["EXPORTERS", "Exporter", "ExportJob", "default_formats", "export_chec
 def check_export_dest(dest: Path, overwrite: bool) -> None:
     """``dest`` may be new, empty, or (with ``overwrite``) an earlier hetero export; anything else is
     refused, so that ``--overwrite`` never deletes a directory hetero did not write."""
-    check_writable_dest(dest, overwrite)
-    if dest.exists() and (dest.is_file() or any(dest.iterdir())):
-        if dest.is_file() or not _is_hetero_export(dest):
-            raise HeteroError(f"{dest} exists and is not a hetero export (no hetero manifest.json in it); choose a new "
-                              "--out: --overwrite only replaces an earlier export")
+    check_output_dest(dest, "export", overwrite, _legacy_export)
+
+
+def _legacy_export(d: Path) -> str | None:
+    """An export written before output markers: a hetero manifest.json."""
+    return "export" if _is_hetero_export(d) else None
 
 
 def _is_hetero_export(d: Path) -> bool:
@@ -119,7 +120,7 @@ def export_checkpoint(ckpt, out: str | Path, *, formats: tuple[str, ...] | list[
         ref = torch.cat([ckpt.model.eval()(torch.from_numpy(check_inputs[i:i + 1024]))
                          for i in range(0, len(check_inputs), 1024)]).numpy()
     manifest = new_manifest(ckpt, name)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, "export", overwrite, _legacy_export) as tmp:
         job = ExportJob(ckpt, tmp, name, check_inputs, check_desc or "given inputs", ref, calib_inputs=calib_inputs,
                         gallery=gallery, gallery_desc=gallery_desc, options=options)
         bar = progress_bar(order, desc="export", unit="format", disable=not progress)

@@ -7,29 +7,94 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from hetero.errors import HeteroError
 
 
+MARKER = ".hetero-output.json"  # in every output directory hetero writes: what kind of output it is
+MARKER_FORMAT = "hetero-output"
+KINDS = ("cloud checkpoint", "edge checkpoint", "control checkpoint", "export", "verify report", "evaluate report",
+         "demo run", "search", "supernet")
+
+
+def output_kind(d: Path, legacy: Callable[[Path], str | None] | None = None) -> str | None:
+    """The kind of hetero output directory ``d`` is, from its marker (or, for outputs written before
+    markers, what ``legacy`` recognises); None for anything else."""
+    try:
+        doc = json.loads((d / MARKER).read_text(encoding="utf-8"))
+        if isinstance(doc, dict) and doc.get("format") == MARKER_FORMAT and doc.get("kind") in KINDS:
+            return doc["kind"]
+    except (OSError, ValueError, RecursionError):
+        pass
+    return legacy(d) if legacy is not None else None
+
+
+def legacy_report(kind: str, title_prefix: str) -> Callable[[Path], str | None]:
+    """A detector of reports written before output markers: a report.json whose title starts so."""
+    def detect(d: Path) -> str | None:
+        try:
+            doc = json.loads((d / "report.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None
+        return kind if isinstance(doc, dict) and str(doc.get("title", "")).startswith(title_prefix) else None
+
+    return detect
+
+
+def check_output_dest(dest: str | Path, kind: str, overwrite: bool,
+                      legacy: Callable[[Path], str | None] | None = None) -> None:
+    """Refuse, before any work, an output path that would replace what hetero did not write. ``dest`` may
+    be new or an empty directory; an earlier hetero output of the same ``kind`` is replaced only with
+    ``overwrite``; anything else (a file, a user's directory, another kind of output) never."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown output kind {kind!r}")
+    dest = Path(dest)
+    if not os.path.lexists(dest):
+        return
+    if dest.is_symlink() or not dest.is_dir():
+        raise HeteroError(f"{dest} exists and is a file, not an output directory of hetero's; nothing was touched: "
+                          "choose another output path")
+    if not any(dest.iterdir()):
+        return
+    held = output_kind(dest, legacy)
+    if held == kind:
+        if not overwrite:
+            raise HeteroError(f"{dest} already holds a hetero {kind}; pass --overwrite to replace it, or choose "
+                              "another output path")
+        return
+    what = f"a hetero {held}" if held else "files hetero did not write"
+    raise HeteroError(f"{dest} holds {what}; nothing was touched: choose another output path (--overwrite replaces "
+                      f"only an earlier hetero {kind})")
+
+
 def check_writable_dest(dest: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing, non-empty output unless asked to."""
+    """For single-file outputs: refuse to replace an existing path unless asked to."""
     if dest.exists() and not overwrite and (not dest.is_dir() or any(dest.iterdir())):
         raise HeteroError(f"{dest} already exists; choose another output path or pass --overwrite")
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir next to ``dest``; on success it replaces ``dest``, on error it is removed."""
+def atomic_dir(dest: str | Path, kind: str, overwrite: bool = False,
+               legacy: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
+    """Yield a temp dir next to ``dest``; on success it replaces ``dest``, on error it is removed.
+
+    ``dest`` is checked first (:func:`check_output_dest`) and the new output carries the marker of its
+    ``kind``. Durable: every file and directory of the new output is fsynced before the rename, the
+    parent after it, and an old output is deleted only once the new one is on disk, so a power cut leaves
+    the old output or the new one, never neither or a mix."""
     dest = Path(dest)
-    check_writable_dest(dest, overwrite)
+    check_output_dest(dest, kind, overwrite, legacy)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     old = None
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the output private to its writer
         yield tmp
-        if dest.exists():
+        write_json_atomic(tmp / MARKER, {"format": MARKER_FORMAT, "kind": kind, "written_by": "hetero"}, durable=False)
+        _fsync_tree(tmp)
+        check_output_dest(dest, kind, True, legacy)  # still ours to replace after the work (nobody swapped it)
+        if os.path.lexists(dest):
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
         try:
@@ -39,11 +104,38 @@ def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
                 os.replace(old, dest)
                 old = None
             raise
+        _fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file under ``root``, then every directory, deepest first."""
+    dirs = []
+    for here, _, files in os.walk(root):
+        dirs.append(here)
+        for name in files:
+            path = os.path.join(here, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        _fsync_dir(Path(d))
 
 
 def _umask() -> int:
@@ -52,29 +144,27 @@ def _umask() -> int:
     return mask
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
+def write_json_atomic(path: str | Path, obj: Any, durable: bool = True) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", durable=durable)
+
+
+def write_text_atomic(path: str | Path, text: str, durable: bool = True) -> None:
+    """Write ``text`` (UTF-8, whatever the locale) to a unique temp file beside ``path``, then rename it
+    into place; ``durable``: the file and its directory are fsynced (inside :func:`atomic_dir`, which
+    syncs the whole tree once, it need not be)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its writer
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from hetero._atomic import atomic_dir, sha256_file, write_json_atomic
+from hetero._atomic import atomic_dir, check_output_dest, sha256_file, write_json_atomic
 from hetero.data import Preprocess
 from hetero.errors import HeteroError
 from hetero.models import CosineClassifier, EmbeddingModel, ModelSpec, create_embedding_model
@@ -76,12 +76,28 @@ class Checkpoint:
         return (self.preprocess.channels, self.preprocess.size, self.preprocess.size)
 
 
+def legacy_checkpoint_kind(d: Path) -> str | None:
+    """'<role> checkpoint' for a checkpoint written before output markers (its hetero.json says so)."""
+    try:
+        meta = json.loads((d / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("role") in ROLES:
+        return f"{meta['role']} checkpoint"
+    return None
+
+
+def check_checkpoint_dest(dest: str | Path, role: str, overwrite: bool) -> None:
+    """Before any work: ``dest`` may be new, or (with ``overwrite``) an earlier checkpoint of this role."""
+    check_output_dest(dest, f"{role} checkpoint", overwrite, legacy_checkpoint_kind)
+
+
 def save_checkpoint(ckpt: Checkpoint, dest: str | Path, overwrite: bool = False) -> Path:
     """Write atomically: a reader sees the old checkpoint or the complete new one, never half of one."""
     if ckpt.role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
     dest = Path(dest)
-    with atomic_dir(dest, overwrite=overwrite) as tmp:
+    with atomic_dir(dest, f"{ckpt.role} checkpoint", overwrite, legacy_checkpoint_kind) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in _state(ckpt.model, ckpt.classifier).items()}
         try:
             save_file(state, str(tmp / WEIGHTS))

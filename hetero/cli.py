@@ -181,8 +181,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_train_cloud(args: argparse.Namespace) -> int:
     from hetero import distributed
-    from hetero._atomic import check_writable_dest
     from hetero._resume import absolute, cli_snapshots, continue_from, recorded
+    from hetero.checkpoint import check_checkpoint_dest
     from hetero.data import FASHION_MNIST_PREPROCESS, Preprocess, load_dataset
     from hetero.train import train_cloud
 
@@ -201,7 +201,7 @@ def cmd_train_cloud(args: argparse.Namespace) -> int:
         if not args.model:
             args.model = "resnet20"
         cfg = _train_config(args)
-    check_writable_dest(Path(args.out), args.overwrite)
+    check_checkpoint_dest(args.out, "cloud", args.overwrite)
     snaps = cli_snapshots(args, "train-cloud", state, {"command": "train-cloud", "out": absolute(args.out),
                                                        "data": absolute(args.data), "overwrite": args.overwrite},
                           main=distributed.is_main())
@@ -246,9 +246,8 @@ def _train_and_save(train, args: argparse.Namespace, snaps, command: str):
 
 def cmd_train_edge(args: argparse.Namespace) -> int:
     from hetero import distributed
-    from hetero._atomic import check_writable_dest
     from hetero._resume import absolute, cli_snapshots, continue_from, recorded
-    from hetero.checkpoint import load_checkpoint
+    from hetero.checkpoint import check_checkpoint_dest, load_checkpoint
     from hetero.data import load_dataset
     from hetero.train import train_edge
 
@@ -300,7 +299,7 @@ def cmd_train_edge(args: argparse.Namespace) -> int:
                     raise HeteroError(f"--arch {args.arch} belongs to another search space than --init-from {args.init_from}")
                 init_state = net.extract(arch).state_dict()
         cfg = _train_config(args, **fixed)
-    check_writable_dest(Path(args.out), args.overwrite)
+    check_checkpoint_dest(args.out, "edge" if cfg.compat else "control", args.overwrite)
     snaps = cli_snapshots(args, "train-edge", state, {"command": "train-edge", "out": absolute(args.out),
                                                       "data": absolute(args.data), "cloud": absolute(args.cloud),
                                                       "cloud_space": cloud.space, "overwrite": args.overwrite},
@@ -378,14 +377,13 @@ def _floats(text: str, what: str, n: int) -> tuple[float, ...]:
 
 
 def cmd_import_cloud(args: argparse.Namespace) -> int:
-    from hetero._atomic import check_writable_dest
     from hetero.byo import import_cloud
-    from hetero.checkpoint import save_checkpoint
+    from hetero.checkpoint import check_checkpoint_dest, save_checkpoint
     from hetero.data import Preprocess
 
     if bool(args.torchvision) == bool(args.factory):
         raise HeteroError("give exactly one of --torchvision NAME or --factory module:callable")
-    check_writable_dest(Path(args.out), args.overwrite)
+    check_checkpoint_dest(args.out, "cloud", args.overwrite)
     prep = Preprocess(args.size, args.channels, _floats(args.mean, "--mean", args.channels),
                       _floats(args.std, "--std", args.channels))
     kind, name = ("torchvision", args.torchvision) if args.torchvision else ("factory", args.factory)
@@ -397,13 +395,12 @@ def cmd_import_cloud(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_classifier(args: argparse.Namespace) -> int:
-    from hetero._atomic import check_writable_dest
     from hetero.byo import fit_classifier
-    from hetero.checkpoint import load_checkpoint, save_checkpoint
+    from hetero.checkpoint import check_checkpoint_dest, load_checkpoint, save_checkpoint
     from hetero.data import load_dataset
 
     cloud = load_checkpoint(args.cloud, role="cloud")
-    check_writable_dest(Path(args.out), args.overwrite)
+    check_checkpoint_dest(args.out, "cloud", args.overwrite)
     train = load_dataset(args.data, "train", progress=not args.quiet)
     ckpt = fit_classifier(cloud, train, epochs=args.epochs, scale=args.scale, margin=args.margin, progress=not args.quiet)
     save_checkpoint(ckpt, args.out, overwrite=args.overwrite)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-from hetero._atomic import atomic_dir, write_json_atomic, write_text_atomic
+from hetero._atomic import atomic_dir, check_output_dest, legacy_report, write_json_atomic, write_text_atomic
 from hetero.errors import HeteroError
 
 
@@ -40,6 +40,9 @@ class DemoConfig:
     progress: bool = True
 
 
+LEGACY = legacy_report("demo run", "hetero demo:")  # a runs/demo written before output markers
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     from export import export_checkpoint
     from hetero.checkpoint import save_checkpoint
@@ -55,6 +58,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     load_gates(cfg.gates)  # a bad gates file fails now, not after training
+    check_output_dest(cfg.out, "demo run", True, LEGACY)  # and an --out that is not an earlier demo run
 
     def lap(name: str, t0: float) -> None:
         timings[name] = time.perf_counter() - t0
@@ -74,7 +78,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     cloud = None if cfg.train_cloud else _pretrained_cloud(train, log)  # refused before anything is written
     if cloud is not None:
         lap("load pretrained cloud", t0)
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, "demo run", True, LEGACY) as tmp:
         if cloud is None:
             log(f"[1/5] training the cloud model ({cfg.cloud_model}, {cfg.cloud_epochs} epoch(s))")
             t0 = time.perf_counter()

@@ -584,35 +584,3 @@ def test_training_interrupted(art, tmp_path, place, sig):
     code = {"SIGINT": 130, "SIGTERM": 143}[sig]
     fails_cleanly(p, "interrupted" if sig == "SIGINT" else "terminated (SIGTERM)", code=code)
     assert not (place.path / "c").exists()
-
-
-# ------------------------------------------------------------------------------ atomic_dir, in process
-
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, OSError])
-def test_atomic_dir_cleans_its_temp_dir_when_interrupted(tmp_path, exc):
-    from hetero._atomic import atomic_dir
-    from hetero.errors import Terminated
-
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("old")
-    for e in (exc, Terminated):
-        with pytest.raises(e):
-            with atomic_dir(tmp_path / "out", overwrite=True) as tmp:
-                (tmp / "half.bin").write_bytes(b"x" * 100)
-                raise e()
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-        assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
-
-
-def test_atomic_dir_output_is_not_private(tmp_path):
-    """mkdtemp/mkstemp make 0700/0600; the renamed output follows the umask like any other file."""
-    from hetero._atomic import atomic_dir, write_json_atomic
-
-    mask = os.umask(0o022)
-    try:
-        with atomic_dir(tmp_path / "out") as tmp:
-            write_json_atomic(tmp / "m.json", {})
-    finally:
-        os.umask(mask)
-    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
-    assert (tmp_path / "out" / "m.json").stat().st_mode & 0o777 == 0o644

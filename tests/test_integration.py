@@ -27,8 +27,8 @@ def test_demo_slice_on_a_fashion_mnist_subset(tmp_path):
                         "--gates", str(tmp_path / "gates.toml")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert sorted(x.name for x in out.iterdir()) == ["cloud", "control", "edge", "export", "report.json", "report.md",
-                                                     "verify"]
+    assert sorted(x.name for x in out.iterdir()) == [".hetero-output.json", "cloud", "control", "edge", "export",
+                                                     "report.json", "report.md", "verify"]
     rep = json.loads((out / "report.json").read_text())
 
     models = {m["name"]: m for m in rep["models"]}

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from hetero._atomic import check_output_dest
 from hetero.errors import HeteroError
 
 SCHEMA = "hetero-nas-search/1"
@@ -361,6 +362,11 @@ def pareto_front(records: list[dict[str, Any]], cost: str = "flops") -> list[int
     return front
 
 
+def _legacy_search(d: Path) -> str | None:
+    """A search written before output markers."""
+    return "search" if (d / "pareto.json").is_file() else None
+
+
 def search(supernet: str, cloud: str, budgets: list[str], *, data: str | None = None, out: str,
            cfg: SearchConfig = SearchConfig(), progress: bool = True, log=print) -> dict[str, Any]:
     """`hetero search`: the evolutionary search for every budget; writes ``out``; returns pareto.json."""
@@ -375,8 +381,7 @@ def search(supernet: str, cloud: str, budgets: list[str], *, data: str | None = 
     if not parsed:
         raise HeteroError("give at least one --budget, e.g. --budget flops=0.8M")
     out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "pareto.json").is_file():
-        raise HeteroError(f"--out {out} exists and is not an earlier search; choose another directory")
+    check_output_dest(out_dir, "search", True, _legacy_search)
     net, meta = load_supernet(supernet)
     cloud_ckpt = load_checkpoint(cloud, role="cloud")
     if meta.get("cloud_space") != cloud_ckpt.space:
@@ -437,7 +442,7 @@ def search(supernet: str, cloud: str, budgets: list[str], *, data: str | None = 
     }
     log(f"{len(records)} candidates evaluated in {seconds:.0f} s ({seconds / max(1, len(records)):.2f} s each, BN "
         "recalibration included)")
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    with atomic_dir(out_dir, "search", True, _legacy_search) as tmp:
         write_json_atomic(tmp / "pareto.json", result)
         for i, b in enumerate(parsed):
             arch_doc = {"format": ARCH_FORMAT, "space": meta["space"], "arch": best[b.text]["arch"], "budget": b.text,

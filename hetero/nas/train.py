@@ -101,12 +101,20 @@ def _sample_phase(space, rng: random.Random, phase: int):
                 se=a.se if phase >= 3 else big.se)
 
 
+def legacy_supernet_kind(d: Path) -> str | None:
+    """A supernet directory written before output markers, or one whose first epoch is under way (only
+    its mid-epoch state in ``steps/`` so far)."""
+    from hetero._resume import STATE as STEP_STATE
+
+    return "supernet" if (d / META).is_file() or (d / STEPS / STEP_STATE).is_file() else None
+
+
 def save_supernet(out: Path, net, meta: dict[str, Any], state: dict[str, Any] | None) -> None:
     from safetensors.torch import save_file
 
     from hetero._atomic import atomic_dir, sha256_file, write_json_atomic
 
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, "supernet", True, legacy_supernet_kind) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS))
         meta = {**meta, "weights_sha256": sha256_file(tmp / WEIGHTS)}
         write_json_atomic(tmp / META, meta)
@@ -176,7 +184,10 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
 
     if cloud.role != "cloud":
         raise HeteroError(f"--cloud must be a cloud checkpoint, got a {cloud.role} checkpoint ({cloud.path})")
+    from hetero._atomic import check_output_dest
+
     out = Path(out)
+    check_output_dest(out, "supernet", True, legacy_supernet_kind)  # before any work
     main = distributed.is_main()
     if not main:
         log = _quiet

@@ -305,18 +305,19 @@ def _fmt(v: Any) -> str:
 
 
 def _check_out(out_dir: Path) -> None:
-    """Only an empty directory or an earlier verify report may be replaced."""
-    if not out_dir.exists():
-        return
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        return
+    """Only a new path, an empty directory or an earlier verify report may be written (replaced)."""
+    from hetero._atomic import check_output_dest
+
+    check_output_dest(out_dir, "verify report", True, _legacy_report)
+
+
+def _legacy_report(d: Path) -> str | None:
+    """A verify report written before output markers."""
     try:
-        old = json.loads((out_dir / "report.json").read_text())
-        if isinstance(old, dict) and old.get("schema") == SCHEMA:
-            return
+        old = json.loads((d / "report.json").read_text(encoding="utf-8"))
+        return "verify report" if isinstance(old, dict) and old.get("schema") == SCHEMA else None
     except (OSError, ValueError, RecursionError):
-        pass
-    raise HeteroError(f"--out {out_dir} exists and is not an earlier `hetero verify` report; choose another directory")
+        return None
 
 
 def _write(out_dir: Path, report: dict[str, Any], drift: dict[str, np.ndarray], queries, gallery, html: bool) -> None:
@@ -329,7 +330,7 @@ def _write(out_dir: Path, report: dict[str, Any], drift: dict[str, np.ndarray], 
 
         page = render_html(report, drift=drift, images={"queries": queries.images, "gallery": gallery.images,
                                                         "classes": list(gallery.classes)})
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    with atomic_dir(out_dir, "verify report", True, _legacy_report) as tmp:
         write_json_atomic(tmp / "report.json", report)
         write_text_atomic(tmp / "report.md", render_markdown(report))
         if page is not None:

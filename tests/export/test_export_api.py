@@ -90,7 +90,7 @@ def test_overwrite_replaces_only_a_hetero_export(tmp_path, saved):
     user = tmp_path / "photos"
     user.mkdir()
     (user / "holiday.jpg").write_bytes(b"not yours")
-    with pytest.raises(HeteroError, match="is not a hetero export"):
+    with pytest.raises(HeteroError, match="files hetero did not write"):
         export_checkpoint(edge, user, overwrite=True)
     assert (user / "holiday.jpg").read_bytes() == b"not yours"
     export_checkpoint(edge, tmp_path / "e")

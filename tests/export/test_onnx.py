@@ -13,7 +13,7 @@ from hetero.errors import HeteroError
 
 def test_manifest_lists_a_single_file_dynamic_batch_onnx(saved, tiny_cloud):
     d = saved / "export"
-    assert sorted(p.name for p in d.iterdir()) == ["edge.onnx", "manifest.json"]  # no external .data
+    assert sorted(p.name for p in d.iterdir()) == [".hetero-output.json", "edge.onnx", "manifest.json"]  # no external .data
     m = json.loads((d / "manifest.json").read_text())
     assert m["format"] == "hetero-manifest" and m["space"] == tiny_cloud.space and m["dim"] == 16
     assert m["preprocess"]["size"] == 28 and m["model"]["role"] == "edge"
@@ -39,7 +39,7 @@ def test_export_refuses_existing_output_and_leaves_nothing_behind(tmp_path, save
     edge = load_checkpoint(saved / "edge")
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep").write_text("1")
-    with pytest.raises(HeteroError, match="already exists"):
+    with pytest.raises(HeteroError, match="files hetero did not write"):
         export_checkpoint(edge, tmp_path / "x")
     with pytest.raises(HeteroError, match="unknown export format"):
         export_checkpoint(edge, tmp_path / "y", formats=("tflite",))

@@ -19,7 +19,7 @@ def test_round_trip_keeps_outputs_metadata_and_fingerprint(tmp_path, tiny_cloud,
     assert back.fingerprint == tiny_cloud.fingerprint == back.space
     meta = json.loads((tmp_path / "c" / "hetero.json").read_text())
     assert meta["config"]["model"] == "test_resnet" and meta["classes"] == list(tiny_cloud.classes)
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["hetero.json", "weights.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".hetero-output.json", "hetero.json", "weights.safetensors"]
 
 
 def test_fingerprint_is_canonical_and_sensitive(tiny_cloud, prep):
@@ -53,12 +53,16 @@ def test_existing_destination_is_not_overwritten(tmp_path, tiny_cloud):
     dest = tmp_path / "c"
     dest.mkdir()
     (dest / "keep.txt").write_text("mine")
-    with pytest.raises(HeteroError, match="--overwrite"):
-        save_checkpoint(tiny_cloud, dest)
-    assert [p.name for p in dest.iterdir()] == ["keep.txt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temp dir left behind
-    save_checkpoint(tiny_cloud, dest, overwrite=True)
-    assert load_checkpoint(dest).space == tiny_cloud.space
+    for overwrite in (False, True):  # a directory hetero did not write: never replaced
+        with pytest.raises(HeteroError, match="files hetero did not write"):
+            save_checkpoint(tiny_cloud, dest, overwrite=overwrite)
+        assert [p.name for p in dest.iterdir()] == ["keep.txt"]
+        assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temp dir left behind
+    save_checkpoint(tiny_cloud, tmp_path / "d")
+    with pytest.raises(HeteroError, match="already holds a hetero cloud checkpoint; pass --overwrite"):
+        save_checkpoint(tiny_cloud, tmp_path / "d")
+    save_checkpoint(tiny_cloud, tmp_path / "d", overwrite=True)  # an earlier checkpoint of the same role
+    assert load_checkpoint(tmp_path / "d").space == tiny_cloud.space
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "pickle", "truncate"])

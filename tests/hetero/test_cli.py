@@ -228,7 +228,7 @@ def test_export_bad_input_as_typed(trained, tmp_path, capsys):
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     msg = _export_fails(trained, capsys, "--out", mine, "--overwrite")  # exists, not a hetero export
-    assert "is not a hetero export" in msg and (mine / "notes.txt").read_text() == "keep me"
+    assert "files hetero did not write" in msg and (mine / "notes.txt").read_text() == "keep me"
     msg = _export_fails(trained, capsys, "--out", tmp_path / "a", "--cloud", trained / "cloud2")  # another space
     assert "cloud space" in msg
     msg = _export_fails(trained, capsys, "--out", tmp_path / "b", "--formats", "onnx,tflite")  # unknown format

@@ -231,7 +231,7 @@ def test_out_refuses_a_foreign_directory(bundle, saved, tmp_path, capsys):
     (tmp_path / "rep" / "precious.txt").write_text("keep")
     code, _, err = run(capsys, "verify", "--manifest", bundle / "export", "--cloud", saved / "cloud", "--edge",
                        saved / "edge", "--data", "synthetic", "--out", tmp_path / "rep", "--quiet")
-    one_line_error(code, err, "not an earlier `hetero verify` report")
+    one_line_error(code, err, "files hetero did not write", "nothing was touched")
     assert (tmp_path / "rep" / "precious.txt").read_text() == "keep"
 
 
