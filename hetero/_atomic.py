@@ -14,6 +14,7 @@ from hetero.errors import HeteroError
 
 MARKER = ".hetero-output.json"  # in every output directory hetero writes: what kind of output it is
 MARKER_FORMAT = "hetero-output"
+_BUILDING: set[Path] = set()  # temp dirs of atomic_dir()s in progress: fsynced as a whole tree at their end
 KINDS = ("cloud checkpoint", "edge checkpoint", "control checkpoint", "export", "verify report", "evaluate report",
          "demo run", "search", "supernet")
 
@@ -53,7 +54,7 @@ def check_output_dest(dest: str | Path, kind: str, overwrite: bool,
     if not os.path.lexists(dest):
         return
     if dest.is_symlink() or not dest.is_dir():
-        raise HeteroError(f"{dest} exists and is a file, not an output directory of hetero's; nothing was touched: "
+        raise HeteroError(f"{dest} exists and is a file or a link, not an output directory of hetero's; nothing was touched: "
                           "choose another output path")
     if not any(dest.iterdir()):
         return
@@ -90,7 +91,12 @@ def atomic_dir(dest: str | Path, kind: str, overwrite: bool = False,
     old = None
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the output private to its writer
-        yield tmp
+        building = Path(os.path.abspath(tmp))
+        _BUILDING.add(building)
+        try:
+            yield tmp
+        finally:
+            _BUILDING.discard(building)
         write_json_atomic(tmp / MARKER, {"format": MARKER_FORMAT, "kind": kind, "written_by": "hetero"}, durable=False)
         _fsync_tree(tmp)
         check_output_dest(dest, kind, True, legacy)  # still ours to replace after the work (nobody swapped it)
@@ -150,9 +156,10 @@ def write_json_atomic(path: str | Path, obj: Any, durable: bool = True) -> None:
 
 def write_text_atomic(path: str | Path, text: str, durable: bool = True) -> None:
     """Write ``text`` (UTF-8, whatever the locale) to a unique temp file beside ``path``, then rename it
-    into place; ``durable``: the file and its directory are fsynced (inside :func:`atomic_dir`, which
-    syncs the whole tree once, it need not be)."""
+    into place; ``durable``: the file and its directory are fsynced, except inside an
+    :func:`atomic_dir` in progress, which fsyncs its whole tree once at its end."""
     path = Path(path)
+    durable = durable and not _BUILDING.intersection(Path(os.path.abspath(path)).parents)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

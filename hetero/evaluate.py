@@ -6,7 +6,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hetero._atomic import legacy_report
 from hetero.errors import HeteroError
+
+LEGACY = legacy_report("evaluate report", "hetero evaluate:")  # a report written before output markers
 
 
 def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: dict[str, Path] | None = None,
@@ -80,13 +83,13 @@ def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, da
     """`hetero evaluate`: test split = queries, train split = gallery. ``update=True`` names the rows
     old/new (a backward-compatible cloud update: new->old, old->old, new->new)."""
     from hetero import distributed
-    from hetero._atomic import atomic_dir, check_output_dest, legacy_report, write_json_atomic, write_text_atomic
+    from hetero._atomic import atomic_dir, check_output_dest, write_json_atomic, write_text_atomic
     from hetero.checkpoint import load_checkpoint
     from hetero.data import load_dataset
     from hetero.report import compatibility, format_table, host_info, model_row, render_markdown
 
     if out:
-        check_output_dest(out, "evaluate report", True, legacy_report("evaluate report", "hetero evaluate:"))  # before any work: a new path or an earlier evaluate report
+        check_output_dest(out, "evaluate report", True, LEGACY)  # before any work: a new path or an earlier evaluate report
     distributed.init()  # under torchrun the ranks share the embedding; rank 0 alone logs and writes
     main = distributed.is_main()
     progress = progress and main
@@ -112,7 +115,7 @@ def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, da
     for c in report["compatibility"]:
         log(f"compatibility criterion (edge->cloud > edge->edge): {'met' if c['criterion_met'] else 'NOT met'}")
     if out and main:
-        with atomic_dir(out, "evaluate report", True, legacy_report("evaluate report", "hetero evaluate:")) as tmp:
+        with atomic_dir(out, "evaluate report", True, LEGACY) as tmp:
             write_json_atomic(tmp / "report.json", report)
             write_text_atomic(tmp / "report.md", render_markdown(report))
         log(f"report: {out}/report.json")

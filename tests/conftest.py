@@ -25,10 +25,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 def pytest_report_header(config) -> list[str]:
     """The kernels this run uses: .ci/run selects AVX2 ones on every CPU (see there why)."""
-    import platform
+    from devices.bench import cpu_model
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_model()
     env = ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                                                                        "FAISS_OPT_LEVEL"))
     return [f"cpu: {cpu}; torch kernels: {torch.backends.cpu.get_cpu_capability()}; {env}"]

@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import pytest
 
+from clitest import other_space_cloud
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["--model", "test_resnet", "--epochs", "1", "--batch-size", "16", "--dim", "8", "--limit", "64", "--quiet"]
 
@@ -150,19 +152,13 @@ def place(tmp_path):
 def art(saved, tmp_path_factory):
     """The conftest's tiny cloud and edge, another cloud (its own space), an export with ONNX and
     Core ML FP16, data folders, BYO weights and the child-process shim."""
-    import torch
-
     from export import export_checkpoint
-    from hetero.checkpoint import load_checkpoint, save_checkpoint
+    from hetero.checkpoint import load_checkpoint
 
     root = tmp_path_factory.mktemp("bad-inputs")
     for name in ("cloud", "edge"):
         shutil.copytree(saved / name, root / name)
-    other = load_checkpoint(root / "cloud")
-    with torch.no_grad():
-        next(other.model.parameters()).mul_(1.01)
-    other.space = other.fingerprint
-    save_checkpoint(other, root / "cloud2")
+    other_space_cloud(root / "cloud", root / "cloud2")
     export_checkpoint(load_checkpoint(root / "edge"), root / "export", name="edge", formats=("onnx", "coreml-fp16"))
     (root / "shim").mkdir()
     (root / "shim" / "sitecustomize.py").write_text(SHIM)

@@ -138,3 +138,18 @@ def test_outputs_written_before_markers_are_recognised(tmp_path):
     check_output_dest(d, "demo run", True, legacy_report("demo run", "hetero demo:"))
     with pytest.raises(HeteroError, match="files hetero did not write"):
         check_output_dest(d, "evaluate report", True, legacy_report("evaluate report", "hetero evaluate:"))
+
+
+def test_files_inside_an_atomic_dir_are_fsynced_once_by_the_tree(tmp_path, monkeypatch):
+    """write_json_atomic inside atomic_dir leaves the fsync to the tree sync at its end; outside one it
+    fsyncs the file itself."""
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    write_json_atomic(tmp_path / "alone.json", {"a": 1})
+    assert len(calls) == 2  # the file and its directory
+    calls.clear()
+    with atomic_dir(tmp_path / "out", "export") as tmp:
+        write_json_atomic(tmp / "sub" / "x.json", {"a": 1})
+        assert calls == []
+    assert len(calls) >= 4  # x.json, the marker, sub/, the temp dir (then the parent)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clitest import one_line_error, run
+from clitest import one_line_error, other_space_cloud, run
 from hetero.cli import main
 
 TINY = ["--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--dim", "16", "--quiet"]
@@ -21,18 +21,10 @@ def trained(saved, tmp_path_factory):
     """The conftest's tiny cloud and edge, and a second cloud of another space (its weights nudged)."""
     import shutil
 
-    import torch
-
-    from hetero.checkpoint import load_checkpoint, save_checkpoint
-
     root = tmp_path_factory.mktemp("cli")
     for name in ("cloud", "edge"):
         shutil.copytree(saved / name, root / name)
-    other = load_checkpoint(root / "cloud")
-    with torch.no_grad():
-        next(other.model.parameters()).mul_(1.01)
-    other.space = other.fingerprint
-    save_checkpoint(other, root / "cloud2")
+    other_space_cloud(root / "cloud", root / "cloud2")
     return root
 
 

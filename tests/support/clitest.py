@@ -19,6 +19,20 @@ min_top10_overlap = 0.9
 """
 
 
+def other_space_cloud(src, dest) -> None:
+    """Save at ``dest`` a copy of the cloud checkpoint ``src`` with its weights nudged: a cloud of
+    another embedding space (its space fingerprint is its own)."""
+    import torch
+
+    from hetero.checkpoint import load_checkpoint, save_checkpoint
+
+    other = load_checkpoint(src)
+    with torch.no_grad():
+        next(other.model.parameters()).mul_(1.01)
+    other.space = other.fingerprint
+    save_checkpoint(other, dest)
+
+
 def run(capsys, *argv: Any) -> tuple[int, str, str]:
     """``hetero ARGV`` in this process: (exit status, stdout, stderr). argparse's own usage errors
     (SystemExit) are returned as their status too."""
