@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -81,9 +84,9 @@ def atomic_dir(dest: str | Path, kind: str, overwrite: bool = False,
     """Yield a temp dir next to ``dest``; on success it replaces ``dest``, on error it is removed.
 
     ``dest`` is checked first (:func:`check_output_dest`) and the new output carries the marker of its
-    ``kind``. Durable: every file and directory of the new output is fsynced before the rename, the
-    parent after it, and an old output is deleted only once the new one is on disk, so a power cut leaves
-    the old output or the new one, never neither or a mix."""
+    ``kind``. Durable: every file and directory of the new output is fsynced before it takes the place
+    of an old one (an atomic exchange on Linux), the parent after, and the old output is deleted only
+    then, so a kill -9 or a power cut leaves the old output or the new one, never neither or a mix."""
     dest = Path(dest)
     check_output_dest(dest, kind, overwrite, legacy)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -100,22 +103,46 @@ def atomic_dir(dest: str | Path, kind: str, overwrite: bool = False,
         write_json_atomic(tmp / MARKER, {"format": MARKER_FORMAT, "kind": kind, "written_by": "hetero"}, durable=False)
         _fsync_tree(tmp)
         check_output_dest(dest, kind, True, legacy)  # still ours to replace after the work (nobody swapped it)
-        if os.path.lexists(dest):
+        if not os.path.lexists(dest):
+            os.replace(tmp, dest)
+        elif _exchange(tmp, dest):  # one atomic step: dest holds the new output, tmp the old one
+            old = tmp
+        else:  # no atomic exchange on this system or filesystem: two renames, the old output put back on error
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
-        try:
-            os.replace(tmp, dest)
-        except BaseException:  # e.g. interrupted between the two renames: put the old output back
-            if old is not None:
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
                 os.replace(old, dest)
                 old = None
-            raise
-        _fsync_dir(dest.parent)
+                raise
+        _fsync_dir(dest.parent)  # the new output is durable before the old one goes
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is None or old != tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), so that a kill
+    or a power cut at any moment leaves one of them at ``b``; False where the system or the filesystem
+    cannot (then the caller falls back to two renames, with a window between them)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc before 2.28)
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _fsync_dir(d: Path) -> None:

@@ -153,3 +153,18 @@ def test_files_inside_an_atomic_dir_are_fsynced_once_by_the_tree(tmp_path, monke
         write_json_atomic(tmp / "sub" / "x.json", {"a": 1})
         assert calls == []
     assert len(calls) >= 4  # x.json, the marker, sub/, the temp dir (then the parent)
+
+
+@pytest.mark.parametrize("exchange", ["renameat2", "two renames"])
+def test_an_earlier_output_is_replaced_whole(tmp_path, monkeypatch, exchange):
+    """Over an earlier output of its kind, the new one takes its place (in one atomic exchange on Linux;
+    where the system lacks one, with two renames) and nothing of the old one is left, beside it either."""
+    import hetero._atomic as atomic
+
+    if exchange == "two renames":
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # as on a system without renameat2
+    for content in ("old", "new"):
+        with atomic_dir(tmp_path / "out", "export", overwrite=True) as tmp:
+            (tmp / f"{content}.txt").write_text(content)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
