@@ -7,7 +7,8 @@ from hetero.data.fashion_mnist import find_fashion_mnist, has_fashion_mnist, loa
 from hetero.data.image_folder import load_image_folder
 from hetero.data.imageset import FASHION_MNIST_PREPROCESS, ImageSet, Preprocess
 from hetero.data.lazy import FolderImages
-from hetero.data.loader import as_nchw, iterate_batches, load_dataset, pixel_stats
+from hetero.data.loader import (SYNTHETIC_SPEC, as_nchw, data_source, is_synthetic, iterate_batches, load_dataset,
+                                pixel_stats)
 from hetero.data.synthetic import synthetic_dataset
 
 __all__ = [
@@ -17,8 +18,11 @@ __all__ = [
     "ImageSet",
     "as_nchw",
     "Preprocess",
+    "SYNTHETIC_SPEC",
+    "data_source",
     "find_fashion_mnist",
     "has_fashion_mnist",
+    "is_synthetic",
     "iterate_batches",
     "load_dataset",
     "load_fashion_mnist",

@@ -1,4 +1,15 @@
-"""ImageFolder datasets: one sub-folder per class, images of any size and channel count."""
+"""ImageFolder datasets: one sub-folder per class, images of any size and channel count.
+
+A root may instead hold split folders: ``train/`` plus an evaluation split named ``test/``, ``val/``,
+``valid/`` or ``validation/`` (any case), each with one sub-folder per class. Split names never
+become classes: a root that mixes them with class folders, names one split twice (``val/`` and
+``validation/``) or has a training split without an evaluation one (or the reverse) is refused with
+one line that says how to lay it out.
+
+File and folder names are taken as the bytes they are: a name that is not UTF-8, or holds a newline,
+loads like any other; messages, progress bars, class names and the set's name show it escaped
+(:func:`~hetero.data._decode.shown`), never raw.
+"""
 from __future__ import annotations
 
 import os
@@ -6,15 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from hetero.data._decode import GREY_MODES, load_one, probe_mode
+from hetero.data._decode import GREY_MODES, load_one, probe_mode, shown
 from hetero.data._decode import load_one as _load_one  # noqa: F401  (its old name)
 from hetero.data.imageset import ImageSet
 from hetero.data.lazy import FolderImages
 from hetero.errors import HeteroError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 DEFAULT_SIZE = 32
 _SPLITS = ("train", "test", "val")
+# folder names (lower case) of each split role; "test" (queries, evaluation) takes a val folder when
+# there is no test folder, and "val" a test folder when there is no val folder
+SPLIT_NAMES = {"train": ("train",), "test": ("test",), "val": ("val", "valid", "validation")}
+_ROLE = {name: role for role, names in SPLIT_NAMES.items() for name in names}
 _PROGRESS_MIN = 1000
 _CACHE_ENV = "HETERO_IMAGE_CACHE"
 
@@ -33,14 +48,56 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
+def _has_images(folder: Path) -> bool:
+    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+               and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+               for p in folder.rglob("*"))
+
+
+def _names(dirs: list[Path]) -> str:
+    return ", ".join(f"{shown(d.name)}/" for d in dirs)
+
+
+_LAYOUT = "lay it out as ROOT/train/<class>/... plus ROOT/test/<class>/... (or val/, valid/, validation/)"
+
+
 def split_dirs(root: Path) -> dict[str, Path] | None:
-    """``{"train": ..., "test": ..., "val": ...}`` if ``root`` has train plus test/val sub-folders, else None."""
-    if not (root / "train").is_dir():
+    """``{"train": ..., "test": ..., "val": ...}`` if ``root`` holds split folders, None if it holds
+    class folders only. The evaluation folder serves both "test" and "val" when only one exists.
+
+    A one-line HeteroError for a root that is neither: a split name twice (``val/`` and
+    ``validation/``, ``test/`` and ``Test/``), split folders beside folders of images (classes outside
+    the splits, or a class named like a split), a training split alone or an evaluation split alone.
+    Folders beside the splits that hold no images (annotations, say) are left alone."""
+    subdirs = _subdirs(root)
+    found: dict[str, list[Path]] = {}
+    for d in subdirs:
+        role = _ROLE.get(d.name.lower())
+        if role is not None:
+            found.setdefault(role, []).append(d)
+    if not found:
         return None
-    test, val = root / "test", root / "val"
-    if not (test.is_dir() or val.is_dir()):
-        return None
-    return {"train": root / "train", "test": test if test.is_dir() else val, "val": val if val.is_dir() else test}
+    where = shown(root)
+    for role in ("train", "test", "val"):
+        if len(found.get(role, ())) > 1:
+            raise HeteroError(f"{where}: {_names(found[role])} all name the {role} split; keep one of them "
+                              "(merge the others into it, or move them out of the folder)")
+    others = [d for d in subdirs if d.name.lower() not in _ROLE and _has_images(d)]
+    splits = [d for ds in found.values() for d in ds]
+    if others:
+        raise HeteroError(
+            f"{where}: split folders ({_names(splits)}) beside folders of images ({_names(others)}); a folder named "
+            f"like a split is taken as one, so rename a class so named, or {_LAYOUT}")
+    if "train" not in found:
+        raise HeteroError(f"{where}: an evaluation split ({_names(splits)}) but no train/ beside it; add "
+                          f"{shown(root / 'train')}/<class>/... with the training images")
+    if "test" not in found and "val" not in found:
+        raise HeteroError(f"{where}: a train/ split but no evaluation split beside it; add "
+                          f"{shown(root / 'test')}/<class>/..., or pass --data {shown(root / found['train'][0].name)} "
+                          "to split its files (every 5th per class is test)")
+    test = found.get("test", found.get("val"))[0]
+    val = found.get("val", found.get("test"))[0]
+    return {"train": found["train"][0], "test": test, "val": val}
 
 
 def is_image_folder(root: str | Path) -> bool:
@@ -50,19 +107,23 @@ def is_image_folder(root: str | Path) -> bool:
 
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:
+    """``{shown class name: files}``; class names are the folder names, escaped where not printable."""
     classes = _subdirs(folder)
     if not classes:
         raise HeteroError(
-            f"{folder}: no class sub-folders; an ImageFolder has one sub-folder per class holding its images"
+            f"{shown(folder)}: no class sub-folders; an ImageFolder has one sub-folder per class holding its images"
         )
     out: dict[str, list[Path]] = {}
     for c in classes:
         files = _images_in(c)
         if not files:
             raise HeteroError(
-                f"{c}: class folder holds no images ({'/'.join(sorted(IMAGE_EXTENSIONS))}); add images or remove it"
+                f"{shown(c)}: class folder holds no images ({'/'.join(sorted(IMAGE_EXTENSIONS))}); add images or remove it"
             )
-        out[c.name] = files
+        name = shown(c.name)
+        if name in out:  # two names that escape alike: "a\xff" written out, and the byte 0xff
+            raise HeteroError(f"{shown(folder)}: two class folders are both shown as {name!r}; rename one of them")
+        out[name] = files
     return out
 
 
@@ -73,8 +134,9 @@ def load_image_folder(
     """Index one split of an ImageFolder; images are decoded, resized to ``size`` (default 32) square,
     when a batch of them is used.
 
-    ``root/train`` + ``root/test`` (or ``val``) are used as splits when present; otherwise each
-    class's sorted files are split deterministically: every 5th file is "test", the rest "train".
+    ``root/train`` + ``root/test`` (or ``val``, ``valid``, ``validation``) are used as splits when
+    present (see :func:`split_dirs`); otherwise each class's sorted files are split deterministically:
+    every 5th file is "test", the rest "train".
     ``channels`` defaults to 3 if any image has colour, else 1. ``progress`` shows a bar for
     folders of more than ``_PROGRESS_MIN`` images (``--quiet`` turns it off).
 
@@ -89,7 +151,7 @@ def load_image_folder(
 
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise HeteroError(f"{root}: no such directory; pass an ImageFolder (one sub-folder per class)")
+        raise HeteroError(f"{shown(root)}: no such directory; pass an ImageFolder (one sub-folder per class)")
     if split not in _SPLITS:
         raise HeteroError(f"unknown split {split!r}; use one of {', '.join(_SPLITS)}")
     size = DEFAULT_SIZE if size is None else size
@@ -116,15 +178,19 @@ def load_image_folder(
     index = {c: i for i, c in enumerate(classes)}
     items = [(f, index[c]) for c in sorted(files) for f in files[c]]
     if not items:
-        raise HeteroError(f"{folder}: split {split!r} has no images; {hint}")
+        raise HeteroError(f"{shown(folder)}: split {split!r} has no images; {hint}")
 
     paths = [p for p, _ in items]
     stats = np.empty((len(paths), 2), dtype=np.int64)
     modes: list[str] = []
     # index: stat for the cache keys, and each header opened (not decoded) so an unreadable file fails now
-    for i, path in enumerate(progress_bar(paths, desc=f"loading {folder.name}/{split}",
+    for i, path in enumerate(progress_bar(paths, desc=f"loading {shown(folder.name)}/{split}",
                                           disable=not progress or len(items) <= _PROGRESS_MIN, unit="img")):
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise HeteroError(f"{shown(path)}: cannot read ({e.strerror or e}); the folder changed while it was "
+                              "indexed, load it again") from None
         stats[i] = st.st_size, st.st_mtime_ns
         modes.append(probe_mode(path))
     if channels is None:
@@ -137,10 +203,10 @@ def load_image_folder(
     labels = np.array([y for _, y in items], dtype=np.int64)
     use_cache = _env_flag(_CACHE_ENV) if cache is None else bool(cache)
     lazy_images = FolderImages(np.array([os.fsencode(os.path.abspath(p)) for p in paths]), stats, size, out_channels,
-                               channels, label=f"{folder}/{split}" if dirs is None else str(folder),
+                               channels, label=shown(f"{folder}/{split}" if dirs is None else folder),
                                use_cache=use_cache, num_workers=num_workers, progress=progress)
     images = lazy_images if lazy else lazy_images.load()
-    return ImageSet(images, labels, tuple(classes), f"folder:{root.resolve()}/{split}")
+    return ImageSet(images, labels, tuple(classes), f"folder:{shown(root.resolve())}/{split}")
 
 
 def _env_flag(name: str) -> bool:

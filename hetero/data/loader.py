@@ -1,20 +1,42 @@
 """One entry point from ``--data`` to an ImageSet, and batching into preprocessed torch tensors."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hetero.data._decode import shown
 from hetero.data.fashion_mnist import FILES, find_fashion_mnist, has_fashion_mnist, load_fashion_mnist
 from hetero.data.image_folder import is_image_folder, load_image_folder
 from hetero.data.imageset import ImageSet, Preprocess
 from hetero.data.synthetic import synthetic_dataset
 from hetero.errors import HeteroError
 
-SYNTHETIC = "synthetic"
+SYNTHETIC = "synthetic"    # the built-in set, unless a path of that name exists here (then: the path)
+SYNTHETIC_SPEC = "synthetic:"  # the built-in set, always: what a run records
 _CROP_PAD = 2
+
+
+def is_synthetic(data: str | os.PathLike | None) -> bool:
+    """True if ``--data`` names the built-in synthetic set: ``synthetic:`` always, bare ``synthetic``
+    only while no file or folder of that name exists in the working directory (a user's folder called
+    ``synthetic`` is a folder). The one way to ask; a ``Path`` is always a path."""
+    if not isinstance(data, str):
+        return False
+    return data == SYNTHETIC_SPEC or (data == SYNTHETIC and not os.path.lexists(data))
+
+
+def data_source(data: str | os.PathLike | None) -> str | None:
+    """``--data`` as a run records it, meaning the same from any directory later: None (Fashion-MNIST,
+    found where it is), ``synthetic:``, or the folder's absolute path."""
+    if data is None:
+        return None
+    if is_synthetic(data):
+        return SYNTHETIC_SPEC
+    return str(Path(data).expanduser().resolve())
 
 
 def load_dataset(
@@ -30,8 +52,9 @@ def load_dataset(
 ) -> ImageSet:
     """Resolve ``--data`` and load ``split`` ("train" or "test").
 
-    ``None``: Fashion-MNIST wherever it is found (or downloaded); ``"synthetic"``: the unit-test
-    set; a folder: Fashion-MNIST IDX files or an ImageFolder. ``size``/``channels`` only steer how
+    ``None``: Fashion-MNIST wherever it is found (or downloaded); ``"synthetic:"`` (or bare
+    ``"synthetic"`` where no path of that name exists, see :func:`is_synthetic`): the unit-test set;
+    a folder: Fashion-MNIST IDX files or an ImageFolder. ``size``/``channels`` only steer how
     ImageFolder images are decoded (use ``ImageSet.conform`` to match a model's preprocessing);
     ``progress=False`` hides the ImageFolder loading bar. An ImageFolder is streamed: ``cache`` and
     ``num_workers`` go to :func:`~hetero.data.image_folder.load_image_folder`.
@@ -40,19 +63,22 @@ def load_dataset(
         raise HeteroError(f"unknown split {split!r}; use 'train' or 'test'")
     if data is None:
         return load_fashion_mnist(find_fashion_mnist(None, download=download), split)
-    if data == SYNTHETIC:
+    if is_synthetic(data):
         train = split == "train"
         return synthetic_dataset(2000 if train else 500, seed=0 if train else 1, name=f"synthetic/{split}")
     root = Path(data).expanduser()
+    # a folder named "synthetic" here shadows the built-in set: say so wherever it does not load
+    also = (f" (the path {shown(root)} here is used, not the built-in set: for that, pass --data {SYNTHETIC_SPEC})"
+            if isinstance(data, str) and data == SYNTHETIC else "")
     if not root.exists():
         raise HeteroError(
-            f"--data {data}: no such directory; pass a folder with the Fashion-MNIST IDX files "
-            "or an ImageFolder (one sub-folder per class)"
+            f"--data {shown(data)}: no such directory; pass a folder with the Fashion-MNIST IDX files "
+            f"or an ImageFolder (one sub-folder per class), or {SYNTHETIC_SPEC} for the built-in test set"
         )
     if not root.is_dir():
         raise HeteroError(
-            f"--data {data}: is a file, not a directory; pass a folder with the Fashion-MNIST IDX files "
-            "or an ImageFolder (one sub-folder per class)"
+            f"--data {shown(data)}: is a file, not a directory; pass a folder with the Fashion-MNIST IDX files "
+            f"or an ImageFolder (one sub-folder per class){also}"
         )
     if has_fashion_mnist(root):
         return load_fashion_mnist(root, split)
@@ -60,8 +86,8 @@ def load_dataset(
         return load_image_folder(root, split, size=size, channels=channels, progress=progress, cache=cache,
                                  num_workers=num_workers)
     raise HeteroError(
-        f"--data {data}: neither the four Fashion-MNIST IDX files ({', '.join(FILES)}, raw or .gz) "
-        "nor class sub-folders found; pass one of those layouts"
+        f"--data {shown(data)}: neither the four Fashion-MNIST IDX files ({', '.join(FILES)}, raw or .gz) "
+        f"nor class sub-folders found; pass one of those layouts{also}"
     )
 
 

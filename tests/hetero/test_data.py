@@ -25,6 +25,7 @@ from hetero.data import (
     synthetic_dataset,
 )
 from hetero.data import fashion_mnist as fm
+from hetero.data.image_folder import split_dirs
 from hetero.errors import HeteroError
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -190,6 +191,161 @@ def test_image_folder_errors(tmp_path, files, split, match):
     assert "\n" not in str(e.value)
     with raises(match="no such directory"):
         load_image_folder(tmp_path / "missing", "train")
+
+
+# ------------------------------------------------------------------------------ high bit depths
+
+def test_16bit_grey_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """round(v * 255 / 65535) for every 16-bit value, through the file decoder and the folder loader,
+    grey and as RGB; never the old clip to 255 of every value above 255."""
+    from hetero.data._decode import load_one, scale_to_8bit
+
+    v = np.arange(65536, dtype=np.int64)
+    want = (v * 255 * 2 + 65535) // (2 * 65535)  # round half up, by hand in integers
+    assert np.array_equal(scale_to_8bit(v.astype(np.uint16), 0, 65535), want)
+    assert [int(want[x]) for x in (0, 128, 129, 257, 385, 386, 32767, 32768, 65406, 65407, 65535)] == \
+        [0, 0, 1, 1, 1, 2, 127, 128, 254, 255, 255]
+    vals = np.array([[0, 1, 128, 129], [257, 1000, 32767, 32768], [40000, 65407, 65408, 65535],
+                     [255, 256, 12345, 54321]], dtype=np.uint16)
+    expect = np.array([[round(int(x) * 255 / 65535) for x in row] for row in vals], dtype=np.uint8)
+    im = Image.fromarray(vals)
+    assert im.mode == "I;16"
+    im.save(tmp_path / "g16.png")
+    grey, colour = load_one(tmp_path / "g16.png", 4, 1)
+    assert grey.shape == (4, 4, 1) and not colour and np.array_equal(grey[..., 0], expect)
+    rgb, colour = load_one(tmp_path / "g16.png", 4, 3)
+    assert not colour and all(np.array_equal(rgb[..., k], expect) for k in range(3))
+    (tmp_path / "f/a").mkdir(parents=True)
+    shutil.copy(tmp_path / "g16.png", tmp_path / "f/a/x.png")
+    ds = load_image_folder(tmp_path / "f", "train", size=4, progress=False)
+    assert ds.channels == 1 and np.array_equal(ds.images[0][..., 0], expect)
+
+
+def test_32bit_integer_images_scale_by_their_type_and_float_images_are_refused(tmp_path):
+    from hetero.data._decode import int_range, load_one, probe_mode
+
+    vals = np.array([[-(2**31), -1, 0, 2**31 - 1]], dtype=np.int32)
+    Image.fromarray(vals).save(tmp_path / "i32.tif")
+    assert Image.open(tmp_path / "i32.tif").mode == "I"
+    # (v + 2**31) * 255 / (2**32 - 1), rounded
+    assert load_one(tmp_path / "i32.tif", 4, 1)[0][0, :, 0].tolist() == [0, 127, 128, 255]
+    # Pillow < 10 opens a 16-bit PNG as "I" with the raw mode I;16B: 16 bits, not 32
+    assert int_range("I", "I;16B") == int_range("I;16", None) == (0, 65535)
+    assert int_range("I", "I;32S") == int_range("I", None) == (-(2**31), 2**31 - 1)
+    assert int_range("I;16S", None) == (-32768, 32767) and int_range("L", None) is None
+    Image.fromarray(np.array([[0.0, 0.5, 1.0, 300.0]], dtype=np.float32)).save(tmp_path / "f.tif")
+    for call in (lambda: probe_mode(tmp_path / "f.tif"), lambda: load_one(tmp_path / "f.tif", 4, 1)):
+        with raises(match=r"f\.tif: a floating-point image \(mode F\) has no fixed range.*convert it") as e:
+            call()
+        assert "\n" not in str(e.value)
+    save(tmp_path / "d/a/ok.png")
+    shutil.copy(tmp_path / "f.tif", tmp_path / "d/a/f.png")  # PIL reads by content, not by extension
+    with raises(match=r"a/f\.png: a floating-point image"):  # refused when indexed, before any training
+        load_image_folder(tmp_path / "d", "train", progress=False)
+
+
+# -------------------------------------------------------------------------------- file names
+
+def test_file_and_class_names_not_utf8_or_with_newlines_load_and_show_escaped(tmp_path):
+    import os
+
+    from hetero.data._decode import shown
+
+    root = os.fsencode(tmp_path / "names")
+    for split, n in ((b"train", 4), (b"test", 2)):
+        for c, cls in enumerate((b"caf\xe9", b"new\nline", b"plain")):  # latin-1 bytes: not UTF-8
+            d = os.path.join(root, split, cls)
+            os.makedirs(d)
+            for i in range(n):
+                name = (b"\xff\xfe%d.png", b"a\nb%d.png", b"%d.png")[i % 3] % i
+                Image.new("L", (3, 3), 10 * c + i).save(os.fsdecode(os.path.join(d, name)))
+    tr = load_image_folder(os.fsdecode(root), "train", size=3, progress=False)
+    assert tr.classes == ("caf\\xe9", "new\\nline", "plain") and len(tr) == 12
+    assert tr.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # sorted by name within a class: "2.png", "a\nb1.png", "\xff\xfe0.png", "\xff\xfe3.png"
+    assert tr.images[:4, 0, 0, 0].tolist() == [2, 1, 0, 3] and tr.images[8, 0, 0, 0] == 22
+    assert any(f.endswith("\udcff\udcfe0.png") for f in tr.images.files)  # the real name, surrogate-escaped
+    assert tr.name.isprintable() and all(c.isprintable() for c in tr.classes)
+    assert load_image_folder(os.fsdecode(root), "test", size=3, progress=False).classes == tr.classes
+    assert shown(b"/x/\xff\n\t.png") == "/x/\\xff\\n\\t.png" and shown("/ok/é.png") == "/ok/é.png"
+    broken = os.path.join(root, b"train", b"plain", b"bad\n\xff.png")
+    with open(broken, "wb") as f:
+        f.write(b"not a png")
+    with raises(match=r"plain/bad\\n\\xff\.png: cannot read image") as e:
+        load_image_folder(os.fsdecode(root), "train", progress=False)
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------- split folders
+
+def tree(root: Path, spec: str) -> Path:
+    """Folders of one grey image each, from ``"train/a train/b validation/a"``."""
+    for k, rel in enumerate(spec.split()):
+        save(root / rel / f"{k}.png", "L", (2, 2), k)
+    return root
+
+
+@pytest.mark.parametrize("evaluation", ["validation", "val", "valid", "test", "Validation"])
+def test_split_folders_are_splits_not_classes(tmp_path, evaluation):
+    root = tree(tmp_path, f"train/a train/b {evaluation}/a {evaluation}/b")
+    tr, te = load_image_folder(root, "train", progress=False), load_image_folder(root, "test", progress=False)
+    assert tr.classes == te.classes == ("a", "b") and (len(tr), len(te)) == (2, 2)
+    assert te.images[:, 0, 0, 0].tolist() == [2, 3]  # the evaluation folder's own images
+    assert split_dirs(root)["test"] == split_dirs(root)["val"] == root / evaluation
+    assert load_dataset(str(root), "test", progress=False).classes == ("a", "b")
+
+
+def test_three_way_split_and_folders_without_images_beside_the_splits(tmp_path):
+    root = tree(tmp_path, "train/a test/a val/a")
+    (root / "annotations").mkdir()
+    (root / "annotations" / "labels.csv").write_text("x")
+    assert split_dirs(root) == {"train": root / "train", "test": root / "test", "val": root / "val"}
+    assert load_image_folder(root, "test", progress=False).images[0, 0, 0, 0] == 1
+    assert load_image_folder(root, "val", progress=False).images[0, 0, 0, 0] == 2
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("train/a val/a validation/a", r"val/, validation/ all name the val split; keep one"),
+    ("train/a test/a Test/a", r"Test/, test/ all name the test split"),
+    ("cat/x dog/x validation/x", r"split folders \(validation/\) beside folders of images \(cat/, dog/\).*rename"),
+    ("train/a test/a extra/a", r"beside folders of images \(extra/\)"),
+    ("train/a train/b", r"a train/ split but no evaluation split.*pass --data .*/train to split"),
+    ("validation/a", r"no train/ beside it"),
+], ids=["val-twice", "test-twice-by-case", "class-named-validation", "class-beside-splits", "train-alone",
+        "validation-alone"])
+def test_ambiguous_split_folders_are_refused_in_one_line(tmp_path, spec, match):
+    root = tree(tmp_path / "root", spec)
+    if spec == "train/a test/a Test/a" and (root / "test").samefile(root / "Test"):
+        pytest.skip("case-insensitive file system")
+    for split in ("train", "test"):
+        with raises(match=match) as e:
+            load_image_folder(root, split, progress=False)
+        assert "\n" not in str(e.value) and str(root) in str(e.value)
+
+
+# ---------------------------------------------------------------------------------- synthetic
+
+def test_is_synthetic_and_a_folder_named_synthetic(tmp_path, monkeypatch):
+    from hetero._resume import _same, absolute
+    from hetero.data import SYNTHETIC_SPEC, data_source, is_synthetic
+
+    monkeypatch.chdir(tmp_path)
+    assert is_synthetic("synthetic") and is_synthetic("synthetic:") and SYNTHETIC_SPEC == "synthetic:"
+    assert not any(is_synthetic(d) for d in (None, Path("synthetic"), "./synthetic", "synthetic:x", "Synthetic"))
+    assert data_source("synthetic") == data_source("synthetic:") == "synthetic:" and data_source(None) is None
+    assert absolute("synthetic:") == "synthetic:" and _same("synthetic", "synthetic:")  # --resume round trip
+    assert len(load_dataset("synthetic:", "train")) == 2000
+    (tmp_path / "synthetic").mkdir()  # the user's own folder: no longer the built-in set
+    with raises(match=r"--data synthetic: neither .*the path synthetic here is used.*pass --data synthetic:"):
+        load_dataset("synthetic", "train")
+    assert not is_synthetic("synthetic") and is_synthetic("synthetic:")
+    assert data_source("synthetic") == absolute("synthetic") == str(tmp_path / "synthetic")
+    assert not _same("synthetic", "synthetic:")
+    tree(tmp_path / "synthetic", "train/x train/y test/x test/y")
+    ds = load_dataset("synthetic", "train", progress=False)
+    assert ds.classes == ("x", "y") and len(ds) == 2 and ds.name.startswith("folder:")
+    builtin = load_dataset("synthetic:", "test")
+    assert len(builtin) == 500 and builtin.name == "synthetic/test"
 
 
 def make_fmnist(root: Path, n_train: int = 12, n_test: int = 5, gz: bool = True) -> Path:

@@ -256,9 +256,17 @@ def test_cache_writer_killed_by_sigkill_is_not_trusted(tmp_path, monkeypatch):
     finally:
         proc.wait()
     assert list((cache / "images").glob("*.npy")) == []  # only the temp file, which no reader looks at
+    (dead,) = (cache / "images").glob(".*.tmp")
     monkeypatch.setenv("HETERO_CACHE", str(cache))
     ds = load_image_folder(root, "train", size=10, cache=True, progress=False)
     np.testing.assert_array_equal(np.asarray(ds.images), eager_reference(root, "train", 10, None)[0])
+    # a young temp file may be another host's live writer (the cache can be shared): it stays, whatever
+    # its name says; once an hour old it is a dead writer's and goes with the next write
+    assert sorted(p.name for p in (cache / "images").iterdir()) == sorted([dead.name, ds.images.cache_path.name])
+    old = time.time() - 2 * 3600
+    os.utime(dead, (old, old))
+    ds.images.cache_path.unlink()
+    ds = load_image_folder(root, "train", size=10, cache=True, progress=False)
     assert [p.name for p in (cache / "images").iterdir()] == [ds.images.cache_path.name]  # the dead temp is gone
 
 
