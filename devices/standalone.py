@@ -6,16 +6,17 @@ images; images are preprocessed exactly as hetero does (Pillow, imported only th
 the artifact with :func:`devices.bench.bench` and writes the latency JSON. ``pack_runner`` zips this
 core into one file that runs as ``python runner.zip run|bench ...``.
 
-Errors are one line on stderr (``error: ...``) and exit status 2; outputs are written atomically.
-Standard library and numpy only, like the rest of the core.
+Errors are one line on stderr (``error: ...``) and exit status 2. Outputs are written atomically and
+durably, only to new paths or, with ``--overwrite``, over an earlier output of the same kind (see
+:mod:`devices.outputs`). Standard library and numpy only, like the rest of the core.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from devices.errors import DeviceError
+from devices.outputs import RUNNER_ZIP_COMMENT, listing_is_ours, refusal, run_refusal, write_all
 from devices.runner import RUNNERS, create_runner
 
 # the same as hetero.data.image_folder
@@ -61,9 +63,44 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
+# characters after which str.splitlines() starts a new line: a name holding one is written quoted
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
+_QUOTED = re.compile(r'"((?:\\x[0-9a-fA-F]{2}|\\[\\"ntr]|[^\\"])*)"')
+_TOKEN = re.compile(r'\\x([0-9a-fA-F]{2})|\\([\\"ntr])|([^\\"]+)')
+
+
+def quote_name(path: str | os.PathLike) -> str:
+    r"""A path as one line of an image list (and in a message): as it is, unless it would not read back
+    as itself (bytes that are not UTF-8, a newline or another control character, leading or trailing
+    blanks, a leading ``"`` or ``#``); then in double quotes, its bytes as printable ASCII with
+    ``\\``, ``\"``, ``\n``, ``\t``, ``\r`` and ``\xNN`` escapes, as git quotes unusual paths."""
+    text = os.fspath(path)
+    plain = (text and text == text.strip() and text[0] not in '"#'
+             and not any(ord(c) < 32 or ord(c) == 127 or c in _LINE_BREAKS or 0xDC80 <= ord(c) <= 0xDCFF for c in text))
+    if plain:
+        return text
+    return '"' + "".join(_ESCAPES.get(b, chr(b) if 32 <= b < 127 else f"\\x{b:02x}") for b in os.fsencode(text)) + '"'
+
+
+def unquote_name(line: str) -> str | None:
+    """The path a line of an image list names (see :func:`quote_name`); None if it is quoted badly."""
+    if not line.startswith('"'):
+        return line
+    m = _QUOTED.fullmatch(line)
+    if m is None:
+        return None
+    out = bytearray()
+    for t in _TOKEN.finditer(m[1]):
+        hexa, esc, text = t.groups()
+        out += bytes([int(hexa, 16)]) if hexa else {"n": b"\n", "t": b"\t", "r": b"\r"}.get(esc, (esc or text).encode())
+    return os.fsdecode(bytes(out))
+
+
 def read_image_list(list_file: str | Path) -> list[Path]:
     """Image paths listed one per line (blank lines and ``#`` comments skipped); relative paths are
-    relative to the list file's directory."""
+    relative to the list file's directory. A line in double quotes is a quoted name
+    (:func:`quote_name`): the ``.txt`` that ``run`` writes reads back as the same images."""
     list_file = Path(list_file)
     try:
         lines = list_file.read_text(encoding="utf-8").splitlines()
@@ -74,10 +111,14 @@ def read_image_list(list_file: str | Path) -> list[Path]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        p = Path(line).expanduser()
+        name = unquote_name(line)
+        if name is None:
+            raise DeviceError(f"{list_file}:{i}: a quoted name with a bad escape or quote: {line[:80]!r}; inside "
+                              'quotes only \\\\ \\" \\n \\t \\r and \\xNN escapes are allowed')
+        p = Path(name).expanduser()
         p = p if p.is_absolute() else list_file.parent / p
         if not p.is_file():
-            raise DeviceError(f"{list_file}:{i}: no such image file {line!r}")
+            raise DeviceError(f"{list_file}:{i}: no such image file {quote_name(name)}")
         paths.append(p)
     if not paths:
         raise DeviceError(f"{list_file} lists no images")
@@ -121,7 +162,7 @@ def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
             arr = np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, bomb) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DeviceError(f"{path}: cannot read image ({msg}); fix or remove the file") from None
+        raise DeviceError(f"{quote_name(path)}: cannot read image ({msg}); fix or remove the file") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -160,33 +201,24 @@ def resolve_input(spec: str | Path) -> tuple[np.ndarray | None, list[Path] | Non
 
 # -------------------------------------------------------------------------------------------- outputs
 
-def _temp_beside(path: Path):
-    return tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-
-
 def write_outputs(files: dict[Path, bytes | np.ndarray]) -> None:
-    """Write every file to a temporary file beside it, then move them all into place: a failure
-    leaves nothing half-written."""
-    temps: list[tuple[str, Path]] = []
-    path = next(iter(files), Path("."))
+    """Write every file durably to a temporary file beside it, then move them all into place
+    (:func:`devices.outputs.write_all`): a failure, a full disk included, leaves nothing half-written."""
+    for path in files:
+        if not path.parent.is_dir():
+            raise DeviceError(f"cannot write {path}: the directory {path.parent} does not exist")
     try:
-        for path, data in files.items():
-            if not path.parent.is_dir():
-                raise DeviceError(f"cannot write {path}: the directory {path.parent} does not exist")
-            with _temp_beside(path) as f:
-                temps.append((f.name, path))
-                if isinstance(data, np.ndarray):
-                    np.save(f, data, allow_pickle=False)
-                else:
-                    f.write(data)
-        for tmp, path in temps:
-            os.replace(tmp, path)
+        write_all({p: (lambda f, d=d: np.save(f, d, allow_pickle=False)) if isinstance(d, np.ndarray) else d
+                   for p, d in files.items()})
     except OSError as e:
-        raise DeviceError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        raise DeviceError(f"cannot write {' and '.join(map(str, files))}: {e.strerror or e}") from None
+
+
+def image_list(paths: Sequence[str | os.PathLike]) -> bytes:
+    """The ``.txt`` that ``run`` writes beside the embeddings: line i names the image of row i, one
+    :func:`quote_name` per line (UTF-8), so a name with a newline or bytes that are not UTF-8 keeps
+    the rows aligned; it reads back with :func:`read_image_list`."""
+    return "".join(f"{quote_name(p)}\n" for p in paths).encode("utf-8")
 
 
 # ---------------------------------------------------------------------------------------- the commands
@@ -318,11 +350,17 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="embed a .npy batch or images, write embeddings .npy",
                        description="Embed a preprocessed float32 .npy [N,C,H,W], an image, a directory of images "
                                    "(recursive, sorted) or a text file listing image paths. For images the ordered "
-                                   "paths are written beside --out as a .txt.")
+                                   "paths are written beside --out as a .txt, one per line (UTF-8); a name that is not "
+                                   "UTF-8 or holds a newline, another control character, leading or trailing blanks, "
+                                   "or starts with \" or #, is written in double quotes with \\\\ \\\" \\n \\t \\r "
+                                   "and \\xNN (byte) escapes. --out is a new path, or an earlier run's output "
+                                   "with --overwrite.")
     common(r)
     r.add_argument("--input", required=True, metavar="X", help=".npy batch, image, directory of images or list file")
     r.add_argument("--out", required=True, metavar="EMB.npy", help="embeddings, float32 [N, dim]")
     r.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass (default 256)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's embeddings (and image list) at --out; nothing else is replaced")
 
     b = sub.add_parser("bench", help="latency of the artifact, as hetero-latency/1 JSON",
                        description="Time the artifact on seeded random inputs per batch size (warm-up, then "
@@ -334,24 +372,35 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--iters", type=_positive_int, default=None, help="timed passes per batch size (default 100)")
     g.add_argument("--budget", type=_positive_float, default=None, metavar="S", help="seconds per batch size instead of --iters")
     b.add_argument("--warmup", type=int, default=10, help="untimed passes first (default 10)")
-    b.add_argument("--json", default=None, metavar="OUT", help="write the latency JSON here (- for stdout)")
+    b.add_argument("--json", default=None, metavar="OUT", help="write the latency JSON here (- for stdout): a new "
+                                                               "path, or an earlier latency JSON with --overwrite")
+    b.add_argument("--overwrite", action="store_true", help="replace an earlier latency JSON at --json")
     return p
 
 
 def _cmd_run(args) -> int:
     out = Path(args.out).expanduser()
+    listing = out.with_suffix(".txt")
+    if listing == out:
+        raise DeviceError(f"--out {args.out}: use a .npy name; the image list goes beside it as .txt")
+    spec = Path(args.input).expanduser()
+    images = spec.is_dir() or spec.suffix.lower() != ".npy"  # what resolve_input makes of it
+    why = run_refusal(out, listing if images else None, args.overwrite)
+    if why:
+        raise DeviceError(why)
+    # an earlier run's list of the embeddings replaced now describes nothing once they are: it goes too
+    stale = not images and listing_is_ours(listing, out)
     emb, paths = embed_export(args.export_dir, args.input, runtime=args.runtime or "onnxruntime",
                               precision=args.precision, fmt=args.fmt, batch_size=args.batch_size,
                               **_settings(args.threads, args.provider))
     files: dict[Path, bytes | np.ndarray] = {out: emb}
     if paths is not None:
-        listing = out.with_suffix(".txt")
-        if listing == out:
-            raise DeviceError(f"--out {args.out}: use a .npy name; the image list goes beside it as .txt")
-        files[listing] = "".join(f"{p}\n" for p in paths).encode("utf-8")
+        files[listing] = image_list(paths)
     write_outputs(files)
+    if stale:
+        listing.unlink(missing_ok=True)
     print(f"wrote {out} ({emb.shape[0]} x {emb.shape[1] if emb.ndim == 2 else '?'} float32)"
-          + (f" and {out.with_suffix('.txt')} (the image paths in row order)" if paths is not None else ""),
+          + (f" and {listing} (the image paths in row order)" if paths is not None else ""),
           file=sys.stderr)
     return 0
 
@@ -359,6 +408,11 @@ def _cmd_run(args) -> int:
 def _cmd_bench(args) -> int:
     if args.warmup < 0:
         raise DeviceError(f"--warmup must be >= 0, got {args.warmup}")
+    dest = Path(args.json).expanduser() if args.json and args.json != "-" else None
+    if dest is not None:
+        why = refusal(dest, "latency JSON", args.overwrite)
+        if why:
+            raise DeviceError(why)
     result = bench_export(args.export_dir, runtime=args.runtime, precision=args.precision, fmt=args.fmt,
                           profile=args.profile, batch_sizes=args.batch, iters=args.iters, budget_s=args.budget,
                           warmup=args.warmup, progress=sys.stderr.isatty(), **_settings(args.threads, args.provider))
@@ -366,8 +420,8 @@ def _cmd_bench(args) -> int:
     if args.json == "-":
         sys.stdout.write(text)
         return 0
-    if args.json:
-        write_outputs({Path(args.json).expanduser(): text.encode("utf-8")})
+    if dest is not None:
+        write_outputs({dest: text.encode("utf-8")})
     sys.stdout.write(summary(result))
     return 0
 
@@ -396,7 +450,8 @@ def packed_files() -> list[Path]:
 def pack_runner(out_zip: str | Path) -> Path:
     """Write the standalone runner as one zip (the ``devices`` core and a top-level ``__main__.py``),
     runnable with ``python runner.zip run|bench ...`` where numpy and a runtime are installed.
-    Reproducible: fixed timestamps, sorted entries. Written atomically; returns the path."""
+    Reproducible: fixed timestamps, sorted entries; its comment ``hetero-runner/1`` marks it as
+    hetero's (:mod:`devices.outputs`). Written atomically and durably; returns the path."""
     out = Path(out_zip).expanduser()
     if not out.parent.is_dir():
         raise DeviceError(f"cannot write {out}: the directory {out.parent} does not exist")
@@ -407,16 +462,15 @@ def pack_runner(out_zip: str | Path) -> Path:
         info.external_attr = 0o644 << 16
         z.writestr(info, data)
 
-    tmp = _temp_beside(out)
-    try:
-        with tmp, zipfile.ZipFile(tmp, "w") as z:
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w") as z:
             add(z, "__main__.py", PACKED_MAIN.encode("utf-8"))
-            for f in packed_files():
-                add(z, f"devices/{f.name}", f.read_bytes())
-        os.replace(tmp.name, out)
+            for p in packed_files():
+                add(z, f"devices/{p.name}", p.read_bytes())
+            z.comment = RUNNER_ZIP_COMMENT  # what tells `hetero pack-runner --overwrite` the zip is its own
+
+    try:
+        write_all({out: write})
     except OSError as e:
         raise DeviceError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
     return out

@@ -1,4 +1,6 @@
-"""Atomic outputs: build in a temporary sibling directory, then rename into place."""
+"""Atomic outputs: a directory is built in a temporary sibling, then renamed into place; a file is
+written through a unique temp file beside it (:func:`write_atomic`). Either replaces only an earlier
+hetero output of its own kind (:func:`check_output_dest`, :func:`check_output_file`)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,12 +8,16 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from devices import outputs as _files
+from devices.outputs import Data
 from hetero.errors import HeteroError
 
 
@@ -72,10 +78,14 @@ def check_output_dest(dest: str | Path, kind: str, overwrite: bool,
                       f"only an earlier hetero {kind})")
 
 
-def check_writable_dest(dest: Path, overwrite: bool) -> None:
-    """For single-file outputs: refuse to replace an existing path unless asked to."""
-    if dest.exists() and not overwrite and (not dest.is_dir() or any(dest.iterdir())):
-        raise HeteroError(f"{dest} already exists; choose another output path or pass --overwrite")
+def check_output_file(dest: str | Path, kind: str, overwrite: bool) -> None:
+    """Refuse, before any work, a single-file output path that would replace what hetero did not
+    write: ``dest`` may be new, or (with ``overwrite``) an earlier hetero file of the same ``kind``,
+    recognised by its content (:mod:`devices.outputs`: a latency JSON by its schema, a runner zip by
+    its comment); a user's file, a directory, a link or another kind, never."""
+    why = _files.refusal(dest, kind, overwrite)
+    if why is not None:
+        raise HeteroError(why)
 
 
 @contextlib.contextmanager
@@ -182,26 +192,70 @@ def write_json_atomic(path: str | Path, obj: Any, durable: bool = True) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str, durable: bool = True) -> None:
-    """Write ``text`` (UTF-8, whatever the locale) to a unique temp file beside ``path``, then rename it
-    into place; ``durable``: the file and its directory are fsynced, except inside an
-    :func:`atomic_dir` in progress, which fsyncs its whole tree once at its end."""
+    """:func:`write_atomic` of ``text`` as UTF-8, whatever the locale."""
+    write_atomic(path, text.encode("utf-8"), durable=durable)
+
+
+def write_atomic(path: str | Path, data: Data, durable: bool = True) -> None:
+    """The one way hetero writes a file: ``data`` (bytes, or a callback writing to the open binary
+    file: ``np.save``, ``torch.save``, a zip) goes to a unique temp file beside ``path``, created
+    exclusively (never a planted file or link), and is renamed into place; the parent directory is
+    created if missing. ``durable``: the file is fsynced before the rename and its directory after,
+    except inside an :func:`atomic_dir` in progress, which fsyncs its whole tree once at its end. On
+    any error, a full disk included, the temp file is removed (:func:`devices.outputs.write_atomic`)."""
     path = Path(path)
     durable = durable and not _BUILDING.intersection(Path(os.path.abspath(path)).parents)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _files.write_atomic(path, data, durable=durable)
+
+
+# a temp file of write_atomic: ".<name>.<mkstemp's 8 characters>.tmp" (before mkstemp: ".<name>.<pid>.tmp")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
+TEMP_MAX_AGE_S = 3600.0
+
+
+def stale_temps(directory: str | Path, owned: Callable[[str], bool], max_age_s: float = TEMP_MAX_AGE_S) -> list[Path]:
+    """Temp files :func:`write_atomic` left in ``directory`` (a writer killed mid-write) for a file
+    name ``owned`` accepts, untouched for ``max_age_s``. Age, not a PID: a cache may be shared by
+    several hosts, and a live writer touches its temp file with every chunk it writes."""
+    directory = Path(directory)
+    old = time.time() - max_age_s
+    found = []
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its writer
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if durable:
-            _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    for e in entries:
+        m = _TEMP.match(e.name)
+        try:
+            if m and owned(m["name"]) and e.is_file(follow_symlinks=False) and \
+                    e.stat(follow_symlinks=False).st_mtime < old:
+                found.append(Path(e.path))
+        except OSError:
+            continue
+    return found
+
+
+def remove_stale_temps(directory: str | Path, owned: Callable[[str], bool]) -> list[Path]:
+    """Delete :func:`stale_temps`; returns them."""
+    gone = stale_temps(directory, owned)
+    for t in gone:
+        t.unlink(missing_ok=True)
+    return gone
+
+
+def discard_damaged(path: Path, seen: os.stat_result, what: str, why: str) -> None:
+    """A damaged cache entry (zero bytes, cut short, another shape): one warning line, and the file
+    deleted unless it changed since it was examined (another process may have just replaced it with a
+    good one); the caller rebuilds it."""
+    print(f"warning: {what} {path} is damaged ({why}); deleting it and building it again", file=sys.stderr)
+    try:
+        now = os.stat(path, follow_symlinks=False)
+        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == (seen.st_dev, seen.st_ino, seen.st_size,
+                                                                       seen.st_mtime_ns):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def sha256_file(path: str | Path) -> str:

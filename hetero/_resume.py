@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from devices.outputs import fsync_dir
+from hetero._atomic import write_atomic
+from hetero.data.loader import is_synthetic
 from hetero.errors import HeteroError
 
 FORMAT = "hetero-train-state"
@@ -65,30 +68,6 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_state(directory: Path, state: dict[str, Any]) -> None:
     """Atomically replace ``directory/state.pt`` (and its ``state.json`` summary); creates the
     directory atomically on first use."""
@@ -99,17 +78,16 @@ def write_state(directory: Path, state: dict[str, Any]) -> None:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
-            _write_file(tmp / STATE, lambda f: torch.save(state, f))
-            _write_file(tmp / INFO, lambda f: f.write(info))
+            write_atomic(tmp / STATE, lambda f: torch.save(state, f))
+            write_atomic(tmp / INFO, info)
             os.replace(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
         return
-    _write_file(directory / STATE, lambda f: torch.save(state, f))
-    _write_file(directory / INFO, lambda f: f.write(info))
-    _fsync_dir(directory)
+    write_atomic(directory / STATE, lambda f: torch.save(state, f))  # each: temp file, fsync, rename, fsync dir
+    write_atomic(directory / INFO, info)
 
 
 def read_state(directory: str | Path, flag: str = "--resume") -> dict[str, Any]:
@@ -247,13 +225,16 @@ def _same(a: Any, b: Any) -> bool:
     if a == b:
         return True
     if isinstance(a, str) and isinstance(b, str):
+        if is_synthetic(a) or is_synthetic(b):  # "synthetic" and "synthetic:" are the same set
+            return is_synthetic(a) and is_synthetic(b)
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
     return False
 
 
 def absolute(path: str | None) -> str | None:
-    """A path recorded for ``--resume`` from anywhere: absolute (``synthetic`` and None stay as they are)."""
-    if path is None or path == "synthetic":
+    """A path recorded for ``--resume`` from anywhere: absolute (None and the built-in synthetic set,
+    see :func:`hetero.data.loader.is_synthetic`, stay as they are)."""
+    if path is None or is_synthetic(path):
         return path
     return str(Path(path).expanduser().resolve())
 

@@ -107,7 +107,8 @@ def _train_config(args: argparse.Namespace, resume: dict[str, Any] | None = None
 
 def _add_train_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--out", help="checkpoint directory to write (required unless --resume)")
-    p.add_argument("--data", help="dataset folder (Fashion-MNIST IDX files or an ImageFolder); default: Fashion-MNIST")
+    p.add_argument("--data", help="dataset folder (Fashion-MNIST IDX files or an ImageFolder), or synthetic: "
+                   "(the built-in test set); default: Fashion-MNIST")
     p.add_argument("--model", help=f"backbone name (default {default_model}; see `hetero models`)")
     p.add_argument("--model-kwargs", help="backbone options, e.g. width=32,depth=20")
     p.add_argument("--dim", type=int, help="embedding dim (default 128)")
@@ -164,11 +165,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"deleted {len(gone)} cached embedding file(s), {sum(r['bytes'] for r in gone) / 1e6:.1f} MB, from {where}")
         images = cache_dir() / "images"
         if args.space is None and images.is_dir():  # decoded ImageFolder pixels and file hashes (HETERO_IMAGE_CACHE)
-            files = [f for f in images.iterdir() if f.is_file() and f.name.endswith((".npy", ".sha256", ".tmp"))]
-            size = sum(f.stat().st_size for f in files)
-            for f in files:
-                f.unlink(missing_ok=True)
-            print(f"deleted {len(files)} decoded-image cache file(s), {size / 1e6:.1f} MB, from {images}")
+            from hetero.data._image_cache import clear_image_cache
+
+            gone = clear_image_cache(images)
+            print(f"deleted {len(gone)} decoded-image cache file(s), {sum(gone.values()) / 1e6:.1f} MB, from {images}")
         return 0
     rows = cache_entries(args.space)
     for r in rows:
@@ -527,7 +527,7 @@ def _bench_one(path: str, args: argparse.Namespace) -> dict:
         from devices.remote import remote_bench
 
         return remote_bench(p, args.host, **common, threads=args.threads, port=args.port, identity=args.identity,
-                            python=args.python, ssh_options=tuple(args.ssh_option or ()))
+                            python=args.python, ssh_options=tuple(args.ssh_option or ()), timeout=args.timeout)
     from devices.standalone import bench_export
 
     settings = {"threads": args.threads} if args.threads is not None else {}
@@ -549,24 +549,30 @@ def _latency_table(res: dict) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from devices.bench import compare_table
+    from devices.outputs import COMPARE_SCHEMA
 
-    from hetero._atomic import write_json_atomic
+    from hetero._atomic import check_output_file, write_json_atomic
 
     if args.iters is not None and args.budget is not None:
         raise HeteroError("give --iters N or --budget SECONDS, not both")
+    kind = "latency comparison" if args.compare else "latency JSON"
+    if args.json:
+        check_output_file(args.json, kind, args.overwrite)
     if args.compare:
         if len(args.paths) != 2:
             raise HeteroError(f"--compare takes two things to compare (A B), got {len(args.paths)}")
         a, b = (_bench_one(x, args) for x in args.paths)
         print(compare_table(a, b, "A", "B"))
         if args.json:
-            write_json_atomic(args.json, {"schema": "hetero-latency-compare/1", "a": a, "b": b})
+            check_output_file(args.json, kind, args.overwrite)  # still new or ours after the benchmark
+            write_json_atomic(args.json, {"schema": COMPARE_SCHEMA, "a": a, "b": b})
         return 0
     if len(args.paths) != 1:
         raise HeteroError(f"bench takes one export directory or checkpoint (or two with --compare), got {len(args.paths)}")
     res = _bench_one(args.paths[0], args)
     print(_latency_table(res))
     if args.json:
+        check_output_file(args.json, kind, args.overwrite)  # still new or ours after the benchmark
         write_json_atomic(args.json, res)
         print(f"latency JSON: {args.json}")
     return 0
@@ -594,10 +600,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_pack_runner(args: argparse.Namespace) -> int:
     from devices.standalone import pack_runner
-    from hetero._atomic import check_writable_dest
+    from hetero._atomic import check_output_file
 
     out = Path(args.out)
-    check_writable_dest(out, args.overwrite)
+    check_output_file(out, "runner zip", args.overwrite)
     path = pack_runner(out)
     print(f"standalone runner: {path} ({path.stat().st_size:,} bytes); on the device, with python3, numpy and the "
           f"runtime: python3 {path.name} run EXPORT_DIR --input IMAGES_OR_NPY --out emb.npy | "
@@ -619,7 +625,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = verify(args.manifest, args.cloud, edge=args.edge, data=args.data, gates=args.gates, out=args.out,
                     index=args.index, runners=args.runtime, query_limit=args.query_limit,
                     gallery_limit=args.gallery_limit, latency=not args.no_latency, html=not args.no_html,
-                    progress=not args.quiet)
+                    progress=not args.quiet, require=args.require)
     return int(report["verdict"]["exit_code"])
 
 
@@ -755,8 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge", required=True)
     p.add_argument("--artifact", help="export directory: also embed the queries through onnxruntime")
     p.add_argument("--data", help="dataset folder (default Fashion-MNIST): test = queries, train = gallery")
-    p.add_argument("--query-limit", type=int)
-    p.add_argument("--gallery-limit", type=int)
+    p.add_argument("--query-limit", type=int, help="use the first N test images as queries (N >= 1; default all)")
+    p.add_argument("--gallery-limit", type=int, help="use the first N train images as the gallery (N >= 1; default all)")
     p.add_argument("--out", help="write report.json and report.md to this directory")
     p.add_argument("--update", action="store_true", help="name the rows old/new: --cloud is the old cloud, --edge the new "
                                                          "cloud model trained compatible with it")
@@ -779,8 +785,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top-k search of the gallery: exact (default), or approximate faiss IVF/HNSW, reported with "
                         "its recall against exact search (mAP@R stays exact)")
     p.add_argument("--runtime", action="append", help="only these runners (repeatable), e.g. onnxruntime")
-    p.add_argument("--query-limit", type=int)
-    p.add_argument("--gallery-limit", type=int)
+    p.add_argument("--require", action="append", metavar="FORMAT@RUNNER[,...]",
+                   help="pairs that must run here (repeatable), e.g. onnx-fp16@onnxruntime,coreml-fp16@coreml-interp: "
+                        "one that is skipped or absent fails the verdict (exit 1)")
+    p.add_argument("--query-limit", type=int, help="use the first N test images as queries (N >= 1; default all)")
+    p.add_argument("--gallery-limit", type=int, help="use the first N train images as the gallery (N >= 1; default all)")
     p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency p50 of each pair")
     p.add_argument("--no-html", action="store_true", help="write report.json and report.md only (no matplotlib needed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -834,7 +843,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", help="SSH private key for --host")
     p.add_argument("--python", default="python3", help="the Python on --host that has numpy and the runtime (default python3)")
     p.add_argument("--ssh-option", action="append", help="extra ssh/scp argument for --host, e.g. --ssh-option=-oStrictHostKeyChecking=accept-new")
-    p.add_argument("--json", help="write the latency result (schema hetero-latency/1) here")
+    p.add_argument("--timeout", type=float, default=600, help="with --host: seconds each ssh/scp step (the copy, the "
+                                                              "bench) may take before it is stopped (default 600)")
+    p.add_argument("--json", help="write the latency result (schema hetero-latency/1; with --compare "
+                                  "hetero-latency-compare/1) here: a new path, or an earlier one with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier latency JSON of the same schema at --json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
 
@@ -843,8 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("pack-runner", help="pack the torch-free standalone runner into one zip to copy to a device")
-    p.add_argument("out", help="zip file to write, e.g. runner.zip")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("out", help="zip file to write, e.g. runner.zip: a new path, or an earlier runner zip with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier runner zip of hetero's at OUT")
     p.set_defaults(func=cmd_pack_runner)
 
     p = sub.add_parser("cache", help="list (or --clear) the cached embeddings: cloud targets (train-edge) and "

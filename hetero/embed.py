@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hetero._atomic import discard_damaged, remove_stale_temps, write_atomic
 from hetero._progress import progress_bar
 from hetero.data import ImageSet, Preprocess, iterate_batches
 from hetero.errors import HeteroError
@@ -94,23 +95,34 @@ def embeddings_cache_path(ckpt, ds: ImageSet, *, key: str | None = None, directo
 
 
 def read_cached(path: Path, n: int, dim: int) -> np.ndarray | None:
-    """The cached [n, dim] float32 embeddings at ``path`` (memory-mapped), or None if absent or unusable."""
-    if not path.is_file():
-        return None
+    """The cached [n, dim] float32 embeddings at ``path`` (memory-mapped), or None if absent or
+    unreadable. A damaged entry (zero bytes, cut short by a crash or a full disk, another shape) is
+    deleted with a one-line warning: the caller computes the embeddings again and caches them anew."""
     try:
+        seen = os.lstat(path)
         emb = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-        return None  # unreadable cache entry: the caller recomputes and replaces it
-    return emb if emb.shape == (n, dim) and emb.dtype == np.float32 else None
+    except (ValueError, EOFError):  # numpy's words for a file that is no complete .npy
+        why = "zero bytes" if seen.st_size == 0 else f"{seen.st_size:,} bytes, not a complete .npy file"
+        discard_damaged(path, seen, "cached embedding file", why)
+        return None
+    except OSError:  # absent, or not ours to read: computed again (and replaced if the directory allows)
+        return None
+    if emb.shape == (n, dim) and emb.dtype == np.float32:
+        return emb
+    held = f"{emb.dtype} {list(emb.shape)}"
+    del emb
+    discard_damaged(path, seen, "cached embedding file", f"it holds {held}, not float32 [{n}, {dim}]")
+    return None
 
 
 def write_cached(path: Path, emb: np.ndarray) -> np.ndarray:
-    """Write ``emb`` to ``path`` atomically (temp file, then rename); returns it memory-mapped."""
+    """Write ``emb`` to ``path`` (:func:`hetero._atomic.write_atomic`: a unique temp file, fsynced,
+    renamed, removed again on any error, a full disk included); returns it memory-mapped. Temp files
+    of writers killed more than an hour ago are cleared on the way."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(emb, dtype=np.float32), allow_pickle=False)
-    os.replace(tmp, path)
+    remove_stale_temps(path.parent, lambda name: _ENTRY.match(name) is not None)
+    arr = np.ascontiguousarray(emb, dtype=np.float32)
+    write_atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
@@ -140,8 +152,12 @@ def cache_entries(space: str | None = None, directory: Path | None = None) -> li
 def clear_cache(space: str | None = None, directory: Path | None = None) -> list[dict]:
     """Delete the cached cloud targets :func:`cache_entries` lists; returns what went.
 
-    Targets are recomputed on the next ``train-edge`` that needs them."""
+    Targets are recomputed on the next ``train-edge`` that needs them. Without ``space``, temp files
+    of killed writers go too, once an hour old (a younger one may be another run's, still writing)."""
     gone = cache_entries(space, directory)
     for r in gone:
         r["path"].unlink(missing_ok=True)
+    if space is None:
+        remove_stale_temps(Path(directory) if directory else cache_dir() / "targets",
+                           lambda name: _ENTRY.match(name) is not None)
     return gone

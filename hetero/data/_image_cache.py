@@ -1,23 +1,32 @@
 """On-disk caches of an ImageFolder split: decoded images (one uint8 ``.npy``) and per-file sha256s.
 
 Both are keyed by a digest of the file list (absolute paths, byte sizes, mtimes in ns), so any added,
-removed, replaced or touched file gives a new key. Both are written to a temporary sibling and renamed
-into place only when complete, so a killed run never leaves a file under a trusted name; the image
-cache is also checked against its expected shape and byte length before it is used.
+removed, replaced or touched file gives a new key. Both are written through a unique temp file beside
+them (:func:`hetero._atomic.write_atomic`), fsynced and renamed into place only when complete, so a
+killed run never leaves a file under a trusted name. Each is checked against its expected size before
+it is used; a damaged one (zero bytes, cut short) is deleted with a one-line warning and rebuilt.
+
+The directory may be shared by several hosts: a temp file is deleted only once it is an hour old
+(:func:`hetero._atomic.stale_temps`), and only files named as :func:`image_cache_path` and
+:func:`file_hashes` name them are hetero's (:func:`cache_files`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from hetero._atomic import discard_damaged, remove_stale_temps, stale_temps, write_atomic
 from hetero.errors import HeteroError
 
 _FORMAT = b"hetero-image-cache-v1"
+# the names this module gives: decoded pixels and per-file sha256s (anything else there is not hetero's)
+_NAMES = re.compile(r"^[0-9a-f]{24}(-\d+x\d+x\d+x\d+-(auto|L|RGB)\.npy|\.sha256)$")
 
 
 def images_dir() -> Path:
@@ -41,60 +50,76 @@ def image_cache_path(key: str, shape: tuple[int, ...], convert: int | None) -> P
     return images_dir() / f"{key[:24]}-{n}x{h}x{w}x{c}-{mode}.npy"
 
 
-def open_image_cache(path: Path, shape: tuple[int, ...]) -> int | None:
-    """Byte offset of the pixel data if ``path`` is a complete cache of ``shape``, else None."""
+def is_cache_name(name: str) -> bool:
+    """Whether ``name`` is one this module gives its files."""
+    return _NAMES.match(name) is not None
+
+
+def cache_files(directory: Path | None = None) -> list[Path]:
+    """hetero's files in the image cache: entries named as this module names them, and temp files of
+    killed writers once an hour old; never a user's file, nor a temp file another run may still write."""
+    directory = Path(directory) if directory else images_dir()
     try:
+        names = sorted(e.name for e in os.scandir(directory) if e.is_file(follow_symlinks=False))
+    except OSError:
+        return []
+    return [directory / n for n in names if is_cache_name(n)] + sorted(stale_temps(directory, is_cache_name))
+
+
+def clear_image_cache(directory: Path | None = None) -> dict[Path, int]:
+    """Delete :func:`cache_files` (hetero's files only); returns each one's size in bytes."""
+    gone = {}
+    for f in cache_files(directory):
+        try:
+            size = f.stat().st_size
+            f.unlink()
+        except FileNotFoundError:  # another run's clear got there first
+            continue
+        gone[f] = size
+    return gone
+
+
+def open_image_cache(path: Path, shape: tuple[int, ...]) -> int | None:
+    """Byte offset of the pixel data if ``path`` is a complete cache of ``shape``, else None; a damaged
+    one is deleted with a one-line warning (the caller builds it again)."""
+    try:
+        seen = os.lstat(path)
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            if version != (1, 0):
-                return None
-            got, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            got, fortran, dtype = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else (None, None, None)
             offset = f.tell()
-            size = os.fstat(f.fileno()).st_size
-    except (OSError, ValueError):
+    except OSError:  # absent, or not ours to read: built again
         return None
-    if tuple(got) != tuple(shape) or fortran or dtype != np.uint8 or size != offset + int(np.prod(shape)):
-        return None
-    return offset
+    except (ValueError, EOFError, SyntaxError):  # numpy's words for a file that is no .npy
+        got = None
+    want = offset + int(np.prod(shape)) if got is not None else -1
+    if got is not None and tuple(got) == tuple(shape) and not fortran and dtype == np.uint8 and seen.st_size == want:
+        return offset
+    why = ("zero bytes" if seen.st_size == 0 else f"{seen.st_size:,} bytes, not a complete uint8 {list(shape)} .npy"
+           + (f" of {want:,} bytes" if want > 0 else ""))
+    discard_damaged(path, seen, "image cache", why)
+    return None
 
 
 def write_image_cache(path: Path, shape: tuple[int, ...], batches: Iterable[np.ndarray]) -> int:
     """Stream ``batches`` (in row order) into ``path`` atomically; returns the data offset."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temps(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    written = 0
-    try:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
-            for b in batches:
-                f.write(np.ascontiguousarray(b, dtype=np.uint8).data)
-                written += len(b)
-            f.flush()
-            os.fsync(f.fileno())
+    remove_stale_temps(path.parent, is_cache_name)
+
+    def write(f) -> None:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+        written = 0
+        for b in batches:
+            f.write(np.ascontiguousarray(b, dtype=np.uint8).data)
+            written += len(b)
         if written != shape[0]:
             raise HeteroError(f"image cache {path}: wrote {written} of {shape[0]} images; delete it and retry")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
     offset = open_image_cache(path, shape)
     if offset is None:
         raise HeteroError(f"image cache {path} is unreadable right after writing it; check the disk (df -h {path.parent})")
     return offset
-
-
-def _remove_dead_temps(path: Path) -> None:
-    """Delete temp files of ``path`` left by writers that were killed (their pid is gone)."""
-    for t in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            os.kill(int(t.name[len(path.name) + 2:-4]), 0)
-        except ValueError:
-            continue
-        except ProcessLookupError:
-            t.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # alive, someone else's
 
 
 def read_rows(path: Path, offset: int, shape: tuple[int, ...], rows: np.ndarray) -> np.ndarray:
@@ -145,21 +170,21 @@ def file_hashes(paths: np.ndarray, key: str, *, progress: bool = False) -> np.nd
     memo = images_dir() / f"{key[:24]}.sha256"
     n = len(paths)
     try:
+        seen = os.lstat(memo)
         raw = memo.read_bytes()
-        if len(raw) == 32 * n:
-            return np.frombuffer(raw, dtype=np.uint8).reshape(n, 32)
     except OSError:
         pass
+    else:
+        if len(raw) == 32 * n:
+            return np.frombuffer(raw, dtype=np.uint8).reshape(n, 32)
+        discard_damaged(memo, seen, "file-hash cache", f"{len(raw):,} bytes, not {32 * n:,}")
     # hashlib and file reads release the GIL: threads overlap I/O and hashing on every core
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         it = pool.map(_sha256_file, paths.tolist(), chunksize=64)
         digests = list(progress_bar(it, total=n, desc="hashing images", unit="img", disable=not progress, leave=False))
     out = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32)
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(out.tobytes())
-        os.replace(tmp, memo)
+        write_atomic(memo, out.tobytes())
     except OSError:
-        pass  # a read-only cache dir only costs the re-hash next time
+        pass  # a read-only or full cache dir only costs the re-hash next time
     return out

@@ -179,8 +179,9 @@ def test_images_are_preprocessed_exactly_as_hetero_does(tmp_path, saved, blocker
 def test_errors_are_one_line_and_leave_nothing_half_written(tmp_path, saved, blocker, capsys):
     x = np.zeros((3, 1, 28, 28), np.float32)
     np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "emb.npy"
-    out.write_bytes(b"old")
+    mine = tmp_path / "emb.npy"  # a user's file: never replaced
+    mine.write_bytes(b"old")
+    out = tmp_path / "new.npy"  # never written: every command below fails
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "bad.png").write_bytes(b"not a png")
 
@@ -189,7 +190,7 @@ def test_errors_are_one_line_and_leave_nothing_half_written(tmp_path, saved, blo
     assert_one_line_error(run_blocked(blocker, "-m", "devices", "run", saved / "export", "--input", tmp_path / "imgs",
                                       "--out", out), "bad.png", "cannot read image")
     assert_one_line_error(run_blocked(blocker, "-m", "devices", "frobnicate"), "invalid choice")
-    assert out.read_bytes() == b"old"
+    assert mine.read_bytes() == b"old" and not out.exists()
 
     cases = [
         (["run", str(tmp_path), "--input", str(tmp_path / "x.npy"), "--out", str(out)], "no manifest.json"),
@@ -205,13 +206,17 @@ def test_errors_are_one_line_and_leave_nothing_half_written(tmp_path, saved, blo
         (["bench", str(saved / "export"), "--iters", "3", "--budget", "1"], "not allowed with"),
         (["bench", str(saved / "export"), "--profile", "nokia-3310"], "unknown device profile"),
         (["bench", str(saved / "export"), "--warmup", "-1"], "--warmup"),
+        (["run", str(saved / "export"), "--input", str(tmp_path / "x.npy"), "--out", str(mine)],
+         "holds a file hetero did not write"),
+        (["run", str(saved / "export"), "--input", str(tmp_path / "x.npy"), "--out", str(mine), "--overwrite"],
+         "holds a file hetero did not write"),
     ]
     for argv, needle in cases:
         capsys.readouterr()
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], (argv, err)
-    assert out.read_bytes() == b"old"
+    assert mine.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "imgs", "x.npy"]
     with np.testing.assert_raises(SystemExit):
         main(["--help"])

@@ -168,3 +168,152 @@ def test_an_earlier_output_is_replaced_whole(tmp_path, monkeypatch, exchange):
             (tmp / f"{content}.txt").write_text(content)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# ------------------------------------------------------------------------------- single files
+
+def test_write_atomic_writes_bytes_text_json_and_through_a_writer(tmp_path):
+    import numpy as np
+
+    from hetero._atomic import write_atomic
+
+    write_atomic(tmp_path / "a.bin", b"\x00\x01")
+    write_text_atomic(tmp_path / "deeper" / "b.md", "✓\n")  # the directory is made
+    write_json_atomic(tmp_path / "c.json", {"k": [1, 2]})
+    write_atomic(tmp_path / "d.npy", lambda f: np.save(f, np.arange(3, dtype=np.int64), allow_pickle=False))
+    assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "deeper" / "b.md").read_bytes() == "✓\n".encode("utf-8")
+    assert json.loads((tmp_path / "c.json").read_text()) == {"k": [1, 2]}
+    assert np.load(tmp_path / "d.npy").tolist() == [0, 1, 2]
+    write_atomic(tmp_path / "a.bin", b"new")  # replaced
+    assert (tmp_path / "a.bin").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.bin", "b.md", "c.json", "d.npy", "deeper"]
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError, ValueError])
+def test_write_atomic_leaves_the_old_file_and_no_temp_on_an_error(tmp_path, exc):
+    from hetero._atomic import write_atomic
+
+    (tmp_path / "f.json").write_text("old")
+
+    def half(f):
+        f.write(b"half")
+        raise exc("stopped")
+
+    with pytest.raises(exc):
+        write_atomic(tmp_path / "f.json", half)
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"] and (tmp_path / "f.json").read_text() == "old"
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 64 KiB tmpfs (root can mount one): a real full disk."""
+    import shutil
+    import subprocess
+
+    d = tmp_path / "tiny"
+    d.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount") or \
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a tmpfs (a real full disk)")
+    yield d
+    subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def test_write_atomic_removes_its_temp_file_on_a_full_disk(tiny_fs):
+    import errno
+
+    from hetero._atomic import write_atomic
+
+    (tiny_fs / "f.bin").write_bytes(b"old")
+    with pytest.raises(OSError) as e:
+        write_atomic(tiny_fs / "f.bin", b"x" * (1 << 20))
+    assert e.value.errno == errno.ENOSPC
+    assert [p.name for p in tiny_fs.iterdir()] == ["f.bin"] and (tiny_fs / "f.bin").read_bytes() == b"old"
+
+
+def test_write_atomic_never_follows_a_planted_link(tmp_path):
+    """The temp name is unique and created exclusively: a link planted at the old, PID-named temp path
+    (or any guess of it) is neither followed nor replaced."""
+    from hetero._atomic import write_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "cache").mkdir()
+    planted = tmp_path / "cache" / f".entry.npy.{os.getpid()}.tmp"
+    planted.symlink_to(victim)
+    write_atomic(tmp_path / "cache" / "entry.npy", b"data")
+    assert victim.read_text() == "precious" and planted.is_symlink()
+    assert (tmp_path / "cache" / "entry.npy").read_bytes() == b"data"
+
+
+def test_stale_temps_go_by_age_never_by_pid(tmp_path):
+    """A temp file is another writer's (maybe on another host of a shared cache) until it is an hour old."""
+    import time
+
+    from hetero._atomic import remove_stale_temps
+
+    old = time.time() - 2 * 3600
+    files = {".a.npy.k2j4x9qa.tmp": old, ".a.npy.99999999.tmp": old,  # mkstemp's name and an old PID-named one
+             ".a.npy.zz8yy7xx.tmp": time.time(),  # young: a live writer's
+             ".b.npy.k2j4x9qa.tmp": old,  # a name the caller does not own
+             "a.npy": old}
+    for name, t in files.items():
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (t, t))
+    (tmp_path / ".a.npy.linklink.tmp").symlink_to(tmp_path / "a.npy")
+    os.utime(tmp_path / ".a.npy.linklink.tmp", (old, old), follow_symlinks=False)
+    gone = remove_stale_temps(tmp_path, lambda name: name == "a.npy")
+    assert sorted(p.name for p in gone) == [".a.npy.99999999.tmp", ".a.npy.k2j4x9qa.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.npy.linklink.tmp", ".a.npy.zz8yy7xx.tmp",
+                                                          ".b.npy.k2j4x9qa.tmp", "a.npy"]
+
+
+def test_single_file_outputs_replace_only_their_own_kind(tmp_path):
+    """check_output_file: a new path, or with --overwrite an earlier file of the same kind; a user's file,
+    a directory, a link or another kind never."""
+    from hetero._atomic import check_output_file
+
+    lat = tmp_path / "lat.json"
+    lat.write_text(json.dumps({"schema": "hetero-latency/1", "results": []}))
+    (tmp_path / "mine.json").write_text('{"schema": "mine"}')
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link.json").symlink_to(lat)
+    check_output_file(tmp_path / "new.json", "latency JSON", overwrite=False)
+    check_output_file(lat, "latency JSON", overwrite=True)
+    with pytest.raises(HeteroError, match="already holds a hetero latency JSON; pass --overwrite"):
+        check_output_file(lat, "latency JSON", overwrite=False)
+    before = tree(tmp_path)
+    for dest, kind, words in ((tmp_path / "mine.json", "latency JSON", "holds a file hetero did not write"),
+                              (tmp_path / "dir", "latency JSON", "is a directory"),
+                              (tmp_path / "link.json", "latency JSON", "is a link"),
+                              (lat, "latency comparison", "holds a hetero latency JSON"),
+                              (lat, "runner zip", "holds a hetero latency JSON")):
+        with pytest.raises(HeteroError, match=words) as e:
+            check_output_file(dest, kind, overwrite=True)
+        assert "\n" not in str(e.value) and str(dest) in str(e.value) and "nothing was touched" in str(e.value)
+    assert tree(tmp_path) == before
+
+
+def test_an_old_output_is_deleted_only_after_the_new_one_and_its_parent_are_fsynced(tmp_path, monkeypatch):
+    """The order a power cut cares about: every file and directory of the new output fsynced, then it
+    takes the old one's place, then the parent fsynced, and only then the old output deleted."""
+    import shutil
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rmtree = os.fsync, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
+                                                              real_rmtree(p, *a, **k))[1])
+    out = earlier(tmp_path / "out", "export")
+    events.clear()
+    with atomic_dir(out, "export", overwrite=True) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_bytes(b"new")
+        name = tmp.name
+    deleted = [i for i, (what, _) in enumerate(events) if what == "rmtree"]
+    assert len(deleted) == 1 and not (tmp_path / "out" / "old.txt").exists()
+    synced = [p for what, p in events[:deleted[0]] if what == "fsync"]
+    assert synced[-1] == str(tmp_path)  # the parent, last, after the rename
+    assert {Path(p).name for p in synced} >= {"w.bin", "sub", MARKER, name}  # the whole new tree before it
