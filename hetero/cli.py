@@ -183,7 +183,7 @@ def cmd_train_cloud(args: argparse.Namespace) -> int:
     from hetero import distributed
     from hetero._resume import absolute, cli_snapshots, continue_from, recorded
     from hetero.checkpoint import check_checkpoint_dest
-    from hetero.data import FASHION_MNIST_PREPROCESS, Preprocess, load_dataset
+    from hetero.data import FASHION_MNIST_PREPROCESS, Preprocess, data_source, load_dataset
     from hetero.train import train_cloud
 
     distributed.init()
@@ -203,7 +203,7 @@ def cmd_train_cloud(args: argparse.Namespace) -> int:
         cfg = _train_config(args)
     check_checkpoint_dest(args.out, "cloud", args.overwrite)
     snaps = cli_snapshots(args, "train-cloud", state, {"command": "train-cloud", "out": absolute(args.out),
-                                                       "data": absolute(args.data), "overwrite": args.overwrite},
+                                                       "data": data_source(args.data), "overwrite": args.overwrite},
                           main=distributed.is_main())
     distributed.barrier()
     train = load_dataset(args.data, "train", progress=not args.quiet and distributed.is_main())
@@ -248,7 +248,7 @@ def cmd_train_edge(args: argparse.Namespace) -> int:
     from hetero import distributed
     from hetero._resume import absolute, cli_snapshots, continue_from, recorded
     from hetero.checkpoint import check_checkpoint_dest, load_checkpoint
-    from hetero.data import load_dataset
+    from hetero.data import data_source, load_dataset
     from hetero.train import train_edge
 
     distributed.init()
@@ -301,7 +301,7 @@ def cmd_train_edge(args: argparse.Namespace) -> int:
         cfg = _train_config(args, **fixed)
     check_checkpoint_dest(args.out, "edge" if cfg.compat else "control", args.overwrite)
     snaps = cli_snapshots(args, "train-edge", state, {"command": "train-edge", "out": absolute(args.out),
-                                                      "data": absolute(args.data), "cloud": absolute(args.cloud),
+                                                      "data": data_source(args.data), "cloud": absolute(args.cloud),
                                                       "cloud_space": cloud.space, "overwrite": args.overwrite},
                           main=distributed.is_main())
     distributed.barrier()
