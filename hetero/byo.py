@@ -6,7 +6,9 @@ declared embedding dim and preprocessing. The model is frozen and fingerprinted 
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import os
 import pickle
 import time
 import warnings
@@ -22,46 +24,68 @@ from hetero.errors import HeteroError, require
 
 
 TRUST_ENV = "HETERO_TRUSTED_FACTORIES"
+TRUST_FILE = "trusted-factories.json"
+# a BYO model larger than this is a typo or a hostile hetero.json, not a cloud model (ViT-g has 1e9)
+MAX_PARAMS = 2_000_000_000
 
 
-def _trust_file() -> Path:
+class FactoryError(HeteroError):
+    """A ``module:callable`` factory raised while building its model."""
+
+
+def trust_file() -> Path:
+    """``$XDG_CONFIG_HOME/hetero/trusted-factories.json`` (``~/.config/hetero`` by default): the user's
+    own configuration. Not the cache: that may be shared by several users or jobs, and whoever can
+    write there must not be able to make hetero call a factory."""
+    base = os.environ.get("XDG_CONFIG_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".config"  # relative: ignored (XDG)
+    return root / "hetero" / TRUST_FILE
+
+
+def _cache_trust_file() -> Path:
+    """Where earlier versions kept the trust list (the cache directory): no longer read."""
     from hetero.embed import cache_dir
 
-    return cache_dir() / "trusted-factories.json"
+    return cache_dir() / TRUST_FILE
+
+
+def _read_trust(path: Path) -> set[str]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return set()
+    return {n for n in doc.get("factories", []) if isinstance(n, str)} if isinstance(doc, dict) else set()
 
 
 def trusted_factories() -> set[str]:
-    """Factories hetero may call when it rebuilds a checkpoint: those imported on this machine with
-    ``hetero import-cloud --factory`` (recorded in the cache directory) and those listed, comma
+    """Factories hetero may call when it rebuilds a checkpoint: those imported by this user with
+    ``hetero import-cloud --factory`` (recorded in :func:`trust_file`) and those listed, comma
     separated, in ``$HETERO_TRUSTED_FACTORIES``."""
-    import json
-    import os
-
     names = {n.strip() for n in os.environ.get(TRUST_ENV, "").split(",") if n.strip()}
-    try:
-        doc = json.loads(_trust_file().read_text())
-        names |= {n for n in doc.get("factories", []) if isinstance(n, str)} if isinstance(doc, dict) else set()
-    except (OSError, ValueError, RecursionError):
-        pass
-    return names
+    return names | _read_trust(trust_file())
 
 
 def trust_factory(name: str) -> None:
-    """Record ``name`` (module:callable) as trusted on this machine (what import-cloud does)."""
+    """Record ``name`` (module:callable) as trusted by this user (what import-cloud does)."""
     from hetero._atomic import write_json_atomic
 
-    import json
-
-    try:
-        doc = json.loads(_trust_file().read_text())
-        names = {n for n in doc.get("factories", []) if isinstance(n, str)} if isinstance(doc, dict) else set()
-    except (OSError, ValueError, RecursionError):
-        names = set()
+    path = trust_file()
+    names = _read_trust(path)
     if name not in names:
-        path = _trust_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_json_atomic(path, {"factories": sorted(names | {name}),
-                                 "note": "module:callable factories `hetero import-cloud` was given on this machine"})
+                                 "note": "module:callable factories `hetero import-cloud` was given by this user"})
+
+
+def _untrusted(name: str) -> HeteroError:
+    msg = (f"this checkpoint builds its model by calling {name} (named in its hetero.json), which was not imported "
+           f"on this machine; if you trust its sender, add it to ${TRUST_ENV} (or run `hetero import-cloud --factory "
+           f"{name}` here)")
+    old = _cache_trust_file()
+    if old.is_file():
+        msg += (f"; {old} is no longer honoured (a trust list in the shared cache lets anyone who can write there "
+                f"trust a factory): re-run import-cloud to record it in {trust_file()}")
+    return HeteroError(msg)
 
 
 def create_external(spec, *, trusted: bool = False) -> nn.Module:
@@ -87,9 +111,7 @@ def create_external(spec, *, trusted: bool = False) -> nn.Module:
             raise HeteroError(f"--factory must look like package.module:callable, got {spec.backbone!r}")
         _refuse_unsafe_module(spec.backbone, module_name)
         if not trusted and spec.backbone not in trusted_factories():
-            raise HeteroError(f"this checkpoint builds its model by calling {spec.backbone} (named in its hetero.json), "
-                              "which was not imported on this machine; if you trust its sender, add it to "
-                              f"${TRUST_ENV} (or run `hetero import-cloud --factory {spec.backbone}` here)")
+            raise _untrusted(spec.backbone)
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError, ValueError, TypeError) as e:
@@ -98,7 +120,8 @@ def create_external(spec, *, trusted: bool = False) -> nn.Module:
         try:
             net = fn(**kwargs)
         except Exception as e:  # user code: any failure becomes one line
-            raise HeteroError(f"{spec.backbone}(**{kwargs}) failed: {e.__class__.__name__}: {e}") from None
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise FactoryError(f"{spec.backbone}(**{kwargs}) failed: {e.__class__.__name__}: {first}") from None
         if not isinstance(net, nn.Module):
             raise HeteroError(f"{spec.backbone} returned {type(net).__name__}, not a torch.nn.Module")
         return net
@@ -135,6 +158,11 @@ def _refuse_unsafe_callable(name: str, fn: Any) -> None:
                           "refusing to call it")
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = (torch.__version__.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a torch file loaded with ``weights_only=True``."""
     p = Path(path)
@@ -147,7 +175,11 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(p))
         except (SafetensorError, OSError, ValueError) as e:
-            raise HeteroError(f"--weights {path} is not a readable safetensors file ({str(e)[:120]})") from None
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
+            raise HeteroError(f"--weights {path} is not a readable safetensors file ({first})") from None
+    if _torch_version() < (2, 6):  # CVE-2025-32434: weights_only=True does not stop code in a crafted file
+        raise HeteroError(f"--weights {path}: torch {torch.__version__} cannot read a .pt file safely (torch < 2.6 "
+                          "runs code hidden in one despite weights_only=True); upgrade torch, or pass .safetensors")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols it then refuses anyway
@@ -167,10 +199,30 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _check_no_nan(state: dict[str, torch.Tensor], path: str | Path) -> None:
-    bad = next((k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())), None)
-    if bad is not None:
-        raise HeteroError(f"--weights {path}: tensor {bad!r} holds NaN values; pass weights from a run that did not diverge")
+def _check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            what = "NaN" if bool(torch.isnan(v).any()) else "Inf"
+            raise HeteroError(f"--weights {path}: tensor {k!r} holds {what} values; pass weights from a run that "
+                              "did not diverge")
+
+
+def _check_size(spec, state: dict[str, torch.Tensor], weights: str | Path) -> None:
+    """Refuse, before the model is allocated, one larger than :data:`MAX_PARAMS` or than the weights
+    given for it: its options are a typo (num_classes=50000000). Counted on the meta device."""
+    try:
+        with torch.device("meta"):
+            net = create_external(spec, trusted=True)
+    except FactoryError:
+        return  # user code that cannot build on the meta device: the weights' strict fit checks it instead
+    n = sum(t.numel() for t in net.state_dict().values())
+    have = sum(t.numel() for t in state.values())
+    what = f"{spec.backbone} with options {dict(spec.backbone_kwargs)}"
+    if n > have:
+        raise HeteroError(f"--weights {weights} do not fit {what}: it has {n:,} weights, the file {have:,}; pass the "
+                          "weights of this architecture, or check --model-kwargs")
+    if n > MAX_PARAMS:
+        raise HeteroError(f"{what} has {n:,} weights, more than the {MAX_PARAMS:,} hetero accepts; check --model-kwargs")
 
 
 def import_cloud(kind: str, name: str, weights: str | Path, dim: int, prep, *, model_kwargs: dict[str, Any] | None = None,
@@ -180,9 +232,10 @@ def import_cloud(kind: str, name: str, weights: str | Path, dim: int, prep, *, m
     from hetero.models.embedding import ExternalEmbeddingModel, ModelSpec
 
     spec = ModelSpec(name, dim, dict(model_kwargs or {}), kind=kind)
-    model = ExternalEmbeddingModel(create_external(spec, trusted=True), dim)
     state = load_weights_file(weights)
-    _check_no_nan(state, weights)
+    _check_finite(state, weights)
+    _check_size(spec, state, weights)
+    model = ExternalEmbeddingModel(create_external(spec, trusted=True), dim)
     try:
         model.net.load_state_dict(state, strict=True)
     except RuntimeError as e:

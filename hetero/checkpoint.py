@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hetero._atomic import atomic_dir, check_output_dest, sha256_file, write_json_atomic
+from hetero.byo import FactoryError
 from hetero.data import Preprocess
 from hetero.errors import HeteroError
 from hetero.models import CosineClassifier, EmbeddingModel, ModelSpec, create_embedding_model
@@ -28,6 +30,7 @@ VERSION = 1
 WEIGHTS = "weights.safetensors"
 META = "hetero.json"
 ROLES = ("cloud", "edge", "control")
+OWN_SPACE = ("cloud", "control")  # roles whose space is their own fingerprint (an edge's is its cloud's)
 
 
 def fingerprint(model: EmbeddingModel, classifier: CosineClassifier | None, prep: Preprocess) -> str:
@@ -171,23 +174,25 @@ def load_checkpoint(path: str | Path, role: str | tuple[str, ...] | None = None)
             clf = CosineClassifier(spec.dim, int(c["num_classes"]), float(c["scale"]), float(c["margin"])) if c else None
             return create_embedding_model(spec, prep.channels), clf
 
-        if spec.kind == "hetero":  # shapes first, on the meta device: a damaged JSON must not allocate 10^12 floats
-            with safe_open(str(wpath), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            with torch.device("meta"):
-                want = {k: tuple(v.shape) for k, v in _state(*build()).items()}
-            if want != shapes:
-                diff = sorted(set(want) ^ set(shapes)) or sorted(k for k in want if want[k] != shapes[k])
-                raise HeteroError(f"{p}: {WEIGHTS} does not fit the model {META} describes (first difference: "
-                                  f"{diff[0]}); the checkpoint is corrupt")
+        # shapes first, on the meta device: a damaged or hostile hetero.json (num_classes=50000000, a BYO
+        # factory's dim=10**9) must not allocate anything before it is found not to fit the weights file
+        with safe_open(str(wpath), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        want = _meta_shapes(build, spec)
+        if want is None:  # a BYO factory that cannot build on the meta device: its integer options are bounded
+            _bound_kwargs(spec, shapes, p)
+        elif want != shapes:
+            diff = sorted(set(want) ^ set(shapes)) or sorted(k for k in want if want[k] != shapes[k])
+            raise HeteroError(f"{p}: {WEIGHTS} does not fit the model {META} describes (first difference: "
+                              f"{diff[0]}); the checkpoint is corrupt")
         model, classifier = build()
         state = load_file(str(wpath))
-    except (SafetensorError, KeyError, TypeError, ValueError, OverflowError, RuntimeError) as e:
+    except (SafetensorError, KeyError, TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise HeteroError(f"{p}: cannot rebuild the model ({first}); the checkpoint is corrupt") from None
-    bad = next((k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())), None)
+    bad = _non_finite(state)
     if bad is not None:
-        raise HeteroError(f"{p}: weight {bad!r} holds NaN values (training diverged?); re-train with a lower --lr")
+        raise HeteroError(f"{p}: weight {bad[0]!r} holds {bad[1]} values (training diverged?); re-train with a lower --lr")
     model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     cls_state = {k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")}
     try:
@@ -203,9 +208,59 @@ def load_checkpoint(path: str | Path, role: str | tuple[str, ...] | None = None)
         classes=tuple(meta.get("classes", ())), space=str(meta.get("space", "")),
         config=meta.get("config", {}), info=meta.get("info", {}), path=p,
     )
-    if ckpt.fingerprint != meta.get("fingerprint"):
+    fp = ckpt.fingerprint
+    if fp != meta.get("fingerprint"):
         raise HeteroError(f"{p}: weights fingerprint differs from the one recorded; the checkpoint is corrupt")
+    if ckpt.role in OWN_SPACE:  # its space is its fingerprint: recomputed here, never taken from hetero.json
+        if ckpt.space != fp:
+            raise HeteroError(f"{p}: {META} claims space {ckpt.space[:12] or '(none)'}, but its weights are space "
+                              f"{fp[:12]}; the field was edited or copied from another checkpoint, so do not use it: "
+                              "re-copy the original checkpoint or re-train it")
+        ckpt.space = fp
     return ckpt
+
+
+def _non_finite(state: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(name, 'NaN' or 'Inf') of the first floating-point tensor that is not all finite."""
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k, "NaN" if bool(torch.isnan(v).any()) else "Inf"
+    return None
+
+
+def _meta_shapes(build, spec: ModelSpec) -> dict[str, tuple[int, ...]] | None:
+    """Tensor shapes of the model ``build()`` makes, built on the meta device (nothing allocated); None
+    for a BYO factory that fails there (user code may need real tensors to construct itself)."""
+    try:
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in _state(*build()).items()}
+    except FactoryError:
+        if spec.kind != "factory":
+            raise
+        return None
+
+
+def _bound_kwargs(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], p: Path) -> None:
+    """No integer option of a BYO factory larger than the weights file's element count: a model whose
+    width, class count or depth exceeds the number of weights it has is a hetero.json someone edited."""
+    total = max(sum(math.prod(s) for s in shapes.values()), 1 << 16)
+
+    def ints(v):
+        if isinstance(v, bool):
+            return
+        if isinstance(v, int):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                yield from ints(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                yield from ints(x)
+
+    for k, v in spec.backbone_kwargs.items():
+        if any(abs(n) > total for n in ints(v)):
+            raise HeteroError(f"{p}: {META} gives {spec.backbone} {k}={v!r}, more than the {total} weights in "
+                              f"{WEIGHTS} could fit; the checkpoint is corrupt")
 
 
 def check_same_space(edge: Checkpoint, cloud: Checkpoint) -> None:

@@ -35,13 +35,17 @@ def pytest_report_header(config) -> list[str]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
-    old = os.environ.get("HETERO_CACHE")
-    os.environ["HETERO_CACHE"] = str(tmp_path_factory.mktemp("hetero-cache"))
+    """A private cache and config directory (the BYO trust list): no test touches the user's."""
+    names = ("HETERO_CACHE", "XDG_CONFIG_HOME")
+    old = {k: os.environ.get(k) for k in names}
+    for k in names:
+        os.environ[k] = str(tmp_path_factory.mktemp(k.lower()))
     yield
-    if old is None:
-        os.environ.pop("HETERO_CACHE", None)
-    else:
-        os.environ["HETERO_CACHE"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

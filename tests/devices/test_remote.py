@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ PermitRootLogin prohibit-password
 AllowUsers {getpass.getuser()}
 PrintMotd no
 Subsystem sftp internal-sftp
-LogLevel ERROR
+LogLevel INFO
 """)
     known = d / "known_hosts"
     known.write_text(f"[127.0.0.1]:{port} " + " ".join((d / "host_key.pub").read_text().split()[:2]) + "\n")
@@ -84,7 +85,7 @@ LogLevel ERROR
                 if time.monotonic() > deadline:
                     pytest.fail(f"sshd did not listen on port {port}: {(d / 'sshd.log').read_text()[-500:]}")
                 time.sleep(0.05)
-        yield {"host": f"{getpass.getuser()}@127.0.0.1", "port": port, "identity": d / "user_key",
+        yield {"host": f"{getpass.getuser()}@127.0.0.1", "port": port, "identity": d / "user_key", "log": d / "sshd.log",
                "ssh_options": ("-F", "/dev/null", "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
                                "-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR")}
     finally:
@@ -102,7 +103,7 @@ def _kw(sshd, tmp_path, **extra):
     we can watch (the "remote" is this machine)."""
     root = tmp_path / "remote-tmp"
     root.mkdir(exist_ok=True)
-    kw = {k: v for k, v in sshd.items() if k != "host"}
+    kw = {k: v for k, v in sshd.items() if k not in ("host", "log")}
     return {**kw, "python": sys.executable, "remote_tmp": str(root), **extra}
 
 
@@ -215,3 +216,54 @@ def test_hetero_bench_host_as_typed(tmp_path, sshd, saved):
     p = subprocess.run(bad, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "cannot reach" in p.stderr
+
+
+def _connections(sshd) -> int:
+    return Path(sshd["log"]).read_text(errors="replace").count("Accepted publickey")
+
+
+def test_one_connection_per_call_and_nothing_left_locally(tmp_path, sshd, saved, monkeypatch):
+    """A bench copies, runs, copies back and cleans up over one SSH connection (a control master),
+    whose socket directory is gone afterwards, as is the master."""
+    local = Path(tempfile.mkdtemp(prefix="hs", dir="/tmp"))  # short: a socket path has ~104 bytes
+    monkeypatch.setattr(tempfile, "tempdir", str(local))
+    try:
+        before = _connections(sshd)
+        res = remote_bench(saved / "export", sshd["host"], batch_sizes=(1,), iters=1, warmup=0, **_kw(sshd, tmp_path))
+        assert res["results"][0]["iterations"] == 1
+        time.sleep(0.2)  # sshd writes its log line asynchronously
+        assert _connections(sshd) - before == 1
+        assert list(local.iterdir()) == []  # no control socket directory, no staging directory
+        assert list((tmp_path / "remote-tmp").iterdir()) == []
+        masters = subprocess.run(["pgrep", "-f", f"ControlPath={local}"], capture_output=True, text=True).stdout.split()
+        assert masters == [], masters
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def test_a_step_that_hangs_is_stopped_and_cleaned_up(tmp_path, sshd, saved):
+    """The remote interpreter hangs: stopped after ``timeout`` seconds, one line, the remote directory
+    removed all the same."""
+    wrapper = tmp_path / "python-that-hangs"
+    wrapper.write_text(f"#!/bin/sh\nsleep 8\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError) as e:
+        remote_bench(saved / "export", sshd["host"], batch_sizes=(1,), iters=1, **_kw(sshd, tmp_path, python=str(wrapper),
+                                                                                      timeout=2))
+    msg = str(e.value)
+    assert "took longer than 2 s and was stopped" in msg and "--timeout" in msg and "\n" not in msg, msg
+    assert time.monotonic() - t0 < 7
+    assert list((tmp_path / "remote-tmp").iterdir()) == []
+    with pytest.raises(DeviceError, match="timeout and connect_timeout must be positive"):
+        remote_bench(saved / "export", sshd["host"], **_kw(sshd, tmp_path, timeout=0))
+
+
+def test_remote_directory_removed_when_its_path_check_fails(tmp_path, sshd, saved):
+    """The shell prints something else than the new directory's path (here: the path has a newline,
+    as a start-up file's output would add a line): refused, and the directory it made is removed."""
+    odd = tmp_path / "remote-tmp" / "a\nb"
+    odd.mkdir(parents=True)
+    with pytest.raises(DeviceError, match="not its path; check the remote shell's start-up files"):
+        remote_bench(saved / "export", sshd["host"], iters=1, **_kw(sshd, tmp_path, remote_tmp=str(odd)))
+    assert list(odd.iterdir()) == []

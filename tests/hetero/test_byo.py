@@ -11,6 +11,7 @@ from hetero.checkpoint import load_checkpoint, save_checkpoint
 from hetero.cli import main
 from hetero.data import Preprocess, synthetic_dataset
 from hetero.errors import HeteroError
+from hetero.models import ModelSpec
 from hetero.train import TrainConfig, train_edge
 
 PREP = Preprocess(32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -122,3 +123,82 @@ def test_cli_import_and_fit(tmp_path, tv_weights, capsys):
     assert main(["import-cloud", "--out", str(tmp_path / "d"), "--weights", str(tv_weights / "r18.safetensors"),
                  *common[:-4], "--dim", "64", "--size", "32"]) == 2
     assert "--dim 16" in capsys.readouterr().err
+
+
+def test_non_finite_weights_are_refused(tmp_path, tv_weights):
+    from safetensors.torch import load_file
+
+    for value, word in ((float("inf"), "Inf"), (float("-inf"), "Inf"), (float("nan"), "NaN")):
+        state = load_file(str(tv_weights / "r18.safetensors"))
+        state["fc.bias"][3] = value
+        save_file(state, str(tmp_path / "w.safetensors"))
+        with pytest.raises(HeteroError, match=f"tensor 'fc.bias' holds {word} values"):
+            import_cloud("torchvision", "resnet18", tmp_path / "w.safetensors", 16, PREP, model_kwargs={"num_classes": 16})
+
+
+def test_absurd_model_options_are_refused_before_allocation(tv_weights, monkeypatch):
+    """num_classes=50000000 would give resnet18 a 25.6e9-weight head (103 GB): counted on the meta
+    device and refused, nothing allocated (the test would run out of memory otherwise)."""
+    with pytest.raises(HeteroError, match=r"do not fit resnet18 .* has 25,661,186,132 weights, the file 11,194,340"):
+        import_cloud("torchvision", "resnet18", tv_weights / "r18.safetensors", 16, PREP,
+                     model_kwargs={"num_classes": 50_000_000})
+    import hetero.byo as byo
+
+    monkeypatch.setattr(byo, "MAX_PARAMS", 1_000_000)  # the bound itself, on a model that fits its weights
+    with pytest.raises(HeteroError, match="has 11,194,340 weights, more than the 1,000,000 hetero accepts"):
+        import_cloud("torchvision", "resnet18", tv_weights / "r18.safetensors", 16, PREP, model_kwargs={"num_classes": 16})
+
+
+@pytest.mark.parametrize("edit", ["num_classes", "classifier"])
+def test_checkpoint_of_absurd_options_is_refused_before_allocation(tmp_path, tv_weights, edit):
+    ckpt = import_cloud("torchvision", "resnet18", tv_weights / "r18.safetensors", 16, PREP, model_kwargs={"num_classes": 16})
+    save_checkpoint(ckpt, tmp_path / "c")
+    meta_path = tmp_path / "c" / "hetero.json"
+    meta = json.loads(meta_path.read_text())
+    if edit == "num_classes":
+        meta["model"]["backbone_kwargs"]["num_classes"] = 50_000_000
+    else:
+        meta["classifier"] = {"num_classes": 50_000_000, "scale": 16.0, "margin": 0.0}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(HeteroError, match="does not fit the model hetero.json describes"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_trust_list_lives_in_the_users_config_directory(tmp_path, monkeypatch):
+    import hetero.byo as byo
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("HETERO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(byo.TRUST_ENV, raising=False)
+    assert byo.trust_file() == tmp_path / "config" / "hetero" / "trusted-factories.json"
+    byo.trust_factory("mine:make")
+    byo.trust_factory("mine:make")  # once
+    assert json.loads(byo.trust_file().read_text())["factories"] == ["mine:make"]
+    assert byo.trusted_factories() == {"mine:make"}
+    assert (byo.trust_file().parent.stat().st_mode & 0o777) == 0o700
+    monkeypatch.setenv(byo.TRUST_ENV, "a:b, c:d")
+    assert byo.trusted_factories() == {"mine:make", "a:b", "c:d"}
+    # the cache, where earlier versions kept it, is not read; a refusal says so
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "trusted-factories.json").write_text(json.dumps({"factories": ["old:make"]}))
+    assert "old:make" not in byo.trusted_factories()
+    spec = ModelSpec("old:make", 8, {}, kind="factory")
+    with pytest.raises(HeteroError, match=r"not imported on this machine.* is no longer honoured .*re-run import-cloud "
+                                          r"to record it in .*config/hetero/trusted-factories.json"):
+        byo.create_external(spec)
+    # XDG_CONFIG_HOME unset or relative: ~/.config
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for value in ("", "relative/dir"):
+        monkeypatch.setenv("XDG_CONFIG_HOME", value)
+        assert byo.trust_file() == tmp_path / "home" / ".config" / "hetero" / "trusted-factories.json"
+
+
+def test_pt_files_are_refused_on_a_torch_that_cannot_read_them_safely(tv_weights, monkeypatch):
+    """CVE-2025-32434: torch < 2.6 runs code in a crafted .pt despite weights_only=True (pyproject
+    pins torch >= 2.6; this guards an older torch installed by hand). Safetensors are still read."""
+    import hetero.byo as byo
+
+    monkeypatch.setattr(byo, "_torch_version", lambda: (2, 5))
+    with pytest.raises(HeteroError, match=r"cannot read a \.pt file safely .*upgrade torch, or pass \.safetensors"):
+        load_weights_file(tv_weights / "r18.pt")
+    assert load_weights_file(tv_weights / "r18.safetensors")

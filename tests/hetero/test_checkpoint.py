@@ -112,3 +112,88 @@ def test_role_is_checked(tmp_path, tiny_edge):
     save_checkpoint(tiny_edge, tmp_path / "e")
     with pytest.raises(HeteroError, match="is a edge checkpoint, expected cloud"):
         load_checkpoint(tmp_path / "e", role="cloud")
+
+
+def _edit_meta(ckpt_dir, fn):
+    path = ckpt_dir / "hetero.json"
+    meta = json.loads(path.read_text())
+    fn(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_a_clouds_space_is_recomputed_never_read(tmp_path, tiny_cloud, tiny_edge, synth):
+    """Cloud B with cloud A's space in its hetero.json is refused on load (one line, naming it and the
+    fix); a loaded cloud's space is the fingerprint of its weights, and so is the target cache key."""
+    from clitest import other_space_cloud
+
+    from hetero.embed import embeddings_cache_path
+
+    save_checkpoint(tiny_cloud, tmp_path / "a")
+    other_space_cloud(tmp_path / "a", tmp_path / "b")
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert a.space == a.fingerprint and b.space == b.fingerprint != a.space
+    key = embeddings_cache_path(b, synth[1], key=b.space).name
+    assert key.startswith(b.fingerprint[:16])  # what cloud_targets and evaluate key the cache by
+    _edit_meta(tmp_path / "b", lambda m: m.update(space=a.space))
+    with pytest.raises(HeteroError) as e:
+        load_checkpoint(tmp_path / "b")
+    msg = str(e.value)
+    assert f"claims space {a.space[:12]}, but its weights are space {b.space[:12]}" in msg and "\n" not in msg
+    assert str(tmp_path / "b") in msg and "re-copy the original checkpoint or re-train it" in msg
+    _edit_meta(tmp_path / "b", lambda m: m.pop("space"))  # no space at all: refused the same way
+    with pytest.raises(HeteroError, match="claims space [(]none[)]"):
+        load_checkpoint(tmp_path / "b")
+    # an edge's space names its cloud and cannot be recomputed from its own weights: kept, and the
+    # comparison is with the cloud's recomputed space
+    save_checkpoint(tiny_edge, tmp_path / "e")
+    edge = load_checkpoint(tmp_path / "e")
+    assert edge.space == a.space != edge.fingerprint
+    check_same_space(edge, a)
+    with pytest.raises(HeteroError, match="cloud space"):
+        check_same_space(edge, b)
+
+
+def test_a_controls_space_is_its_own_fingerprint(tmp_path, tiny_cloud, synth):
+    from hetero.train import TrainConfig, train_edge
+
+    control = train_edge(TrainConfig(model="test_mobilenet", dim=16, epochs=1, batch_size=64, compat=False),
+                         tiny_cloud, synth[0], progress=False)
+    save_checkpoint(control, tmp_path / "k")
+    assert load_checkpoint(tmp_path / "k").space == control.fingerprint
+    _edit_meta(tmp_path / "k", lambda m: m.update(space=tiny_cloud.space))  # passing as an edge of the cloud
+    with pytest.raises(HeteroError, match="claims space"):
+        load_checkpoint(tmp_path / "k")
+
+
+@pytest.mark.parametrize("value, word", [(float("inf"), "Inf"), (float("-inf"), "Inf"), (float("nan"), "NaN")])
+def test_non_finite_weights_are_refused(tmp_path, tiny_cloud, value, word):
+    ckpt = load_checkpoint(save_checkpoint(tiny_cloud, tmp_path / "c"))
+    with torch.no_grad():
+        ckpt.classifier.weight[1, 2] = value
+    save_checkpoint(ckpt, tmp_path / "bad")
+    with pytest.raises(HeteroError, match=f"weight 'classifier.weight' holds {word} values"):
+        load_checkpoint(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("edit", [{"num_classes": 50_000_000}, {"num_classes": 2**62}])
+def test_absurd_classifier_is_refused_before_allocation(tmp_path, tiny_cloud, edit):
+    save_checkpoint(tiny_cloud, tmp_path / "c")
+    _edit_meta(tmp_path / "c", lambda m: m["classifier"].update(edit))
+    with pytest.raises(HeteroError, match="does not fit the model hetero.json describes|cannot rebuild the model"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_damaged_safetensors_header_with_a_matching_hash(tmp_path, tiny_cloud):
+    import struct
+
+    from hetero._atomic import sha256_file
+
+    save_checkpoint(tiny_cloud, tmp_path / "c")
+    w = tmp_path / "c" / "weights.safetensors"
+    data = w.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    w.write_bytes(data[:8] + data[8:8 + n].replace(b'"F32"', b'"Q99"', 1) + data[8 + n:])
+    _edit_meta(tmp_path / "c", lambda m: m.update(weights_sha256=sha256_file(w)))
+    with pytest.raises(HeteroError) as e:
+        load_checkpoint(tmp_path / "c")
+    assert "cannot rebuild the model (Error while deserializing header" in str(e.value) and "\n" not in str(e.value)

@@ -393,30 +393,6 @@ def test_find_and_load_fashion_mnist(tmp_path, monkeypatch, isolated):
         load_fashion_mnist(raw, "val")
 
 
-def test_download_verified_atomic_and_failure_leaves_nothing(tmp_path, monkeypatch, isolated):
-    src, timeouts = make_fmnist(tmp_path / "src", n_train=6, n_test=3), []
-    monkeypatch.setattr(fm, "_EXPECTED", {"train": 6, "t10k": 3})
-
-    def fake_urlopen(url, timeout):
-        timeouts.append(timeout)
-        if not src.exists():
-            raise fm.urllib.error.URLError(OSError("network is unreachable"))
-        return open(src / url.rsplit("/", 1)[1], "rb")
-
-    monkeypatch.setattr(fm.urllib.request, "urlopen", fake_urlopen)
-    got = find_fashion_mnist(None)
-    assert got == fm.cache_dir() and timeouts == [10.0] * 4 and len(load_fashion_mnist(got, "test")) == 3
-    assert [p.name for p in got.parent.iterdir()] == ["fashion-mnist"]
-    shutil.rmtree(got)  # a download with the wrong shapes is rejected and nothing is left
-    monkeypatch.setattr(fm, "_EXPECTED", {"train": 60000, "t10k": 10000})
-    with raises(match="download failed: downloaded train files have shapes"):
-        find_fashion_mnist(None)
-    shutil.rmtree(src)
-    with raises(match="download failed: network is unreachable.*HETERO_DATA"):
-        find_fashion_mnist(None)
-    assert list(got.parent.iterdir()) == []
-
-
 @pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_test_split():
     ds = load_fashion_mnist(SYSTEM_FMNIST, "test")
