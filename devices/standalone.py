@@ -2,7 +2,8 @@
 has only numpy and a runtime (onnxruntime, ...): a Raspberry Pi, a Jetson, a Mac.
 
 ``run`` embeds a preprocessed ``.npy`` batch, an image, a directory of images or a text file listing
-images; images are preprocessed exactly as hetero does (Pillow, imported only then). ``bench`` times
+images; images are decoded by :mod:`devices.images`, the decoder hetero trains with, so they are
+preprocessed exactly as hetero does (Pillow, imported only then). ``bench`` times
 the artifact with :func:`devices.bench.bench` and writes the latency JSON. ``pack_runner`` zips this
 core into one file that runs as ``python runner.zip run|bench ...``.
 
@@ -23,12 +24,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from devices import images
 from devices.errors import DeviceError
+from devices.images import IMAGE_EXTENSIONS, list_images
 from devices.outputs import RUNNER_ZIP_COMMENT, listing_is_ours, refusal, run_refusal, write_all
 from devices.runner import RUNNERS, create_runner
 
-# the same as hetero.data.image_folder
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
 PROG = "python -m devices"
 # host-side modules left out of the packed runner
 NOT_PACKED = frozenset({"remote.py"})
@@ -52,16 +53,6 @@ sys.exit(main(prog="python " + os.path.basename(sys.argv[0])))
 
 
 # --------------------------------------------------------------------------------------------- inputs
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted by relative path, hidden ones skipped: the
-    order hetero's ImageFolder loader uses."""
-    folder = Path(folder)
-    files = [p for p in folder.rglob("*")
-             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
-
 
 # characters after which str.splitlines() starts a new line: a name holding one is written quoted
 _LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
@@ -140,30 +131,19 @@ def check_preprocess(pre: Any, where: str) -> dict[str, Any]:
 
 def _pil():
     try:
-        from PIL import Image
-    except ImportError:
-        raise DeviceError("reading images needs Pillow, which is not installed: pip install pillow "
-                          "(or pass a preprocessed float32 .npy batch)") from None
-    return Image
+        return images.pil()
+    except images.ImageError as e:
+        raise DeviceError(f"{e} (or pass a preprocessed float32 .npy batch)") from None
 
 
 def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
-    """One image as uint8 [size, size, channels], decoded as hetero's ImageFolder loader does:
-    palette images via RGBA, then L or RGB, then a bilinear resize when the size differs."""
-    Image = _pil()
-    bilinear = getattr(Image, "Resampling", Image).BILINEAR
-    bomb = getattr(Image, "DecompressionBombError", OSError)
+    """One image as uint8 [size, size, channels], decoded by :func:`devices.images.decode_image`,
+    the decoder hetero's ImageFolder loader uses (16- and 32-bit images scaled, float ones refused)."""
+    _pil()  # a missing Pillow with the runner's .npy alternative
     try:
-        with Image.open(path) as im:
-            if im.mode in ("P", "PA"):
-                im = im.convert("RGBA")
-            im = im.convert("L" if channels == 1 else "RGB")
-            im = im.resize((size, size), bilinear) if im.size != (size, size) else im
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, bomb) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DeviceError(f"{quote_name(path)}: cannot read image ({msg}); fix or remove the file") from None
-    return arr[..., None] if arr.ndim == 2 else arr
+        return images.decode_image(path, size, channels)[0]
+    except images.ImageError as e:
+        raise DeviceError(str(e)) from None
 
 
 def preprocess_images(paths: Sequence[str | Path], pre: dict[str, Any]) -> np.ndarray:

@@ -8,7 +8,8 @@ one line that says how to lay it out.
 
 File and folder names are taken as the bytes they are: a name that is not UTF-8, or holds a newline,
 loads like any other; messages, progress bars, class names and the set's name show it escaped
-(:func:`~hetero.data._decode.shown`), never raw.
+(:func:`~devices.images.shown`), never raw. Image files are decoded by :mod:`devices.images`, the
+decoder the standalone runner uses too.
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from devices.images import IMAGE_EXTENSIONS, is_image_file, list_images
 from hetero.data._decode import GREY_MODES, load_one, probe_mode, shown
 from hetero.data._decode import load_one as _load_one  # noqa: F401  (its old name)
 from hetero.data.imageset import ImageSet
 from hetero.data.lazy import FolderImages
 from hetero.errors import HeteroError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 DEFAULT_SIZE = 32
 _SPLITS = ("train", "test", "val")
 # folder names (lower case) of each split role; "test" (queries, evaluation) takes a val folder when
@@ -38,19 +39,11 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted by relative path, hidden ones skipped."""
-    files = [
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    ]
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+_images_in = list_images  # its old name (tests use it)
 
 
 def _has_images(folder: Path) -> bool:
-    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-               and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    return any(is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
                for p in folder.rglob("*"))
 
 
@@ -115,7 +108,7 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
         )
     out: dict[str, list[Path]] = {}
     for c in classes:
-        files = _images_in(c)
+        files = list_images(c)
         if not files:
             raise HeteroError(
                 f"{shown(c)}: class folder holds no images ({'/'.join(sorted(IMAGE_EXTENSIONS))}); add images or remove it"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import devices
-from devices import create_runner
+from devices import DeviceError, create_runner
 from devices.bench import check_result
-from devices.standalone import main, pack_runner, preprocess_images
+from devices.standalone import load_image, main, pack_runner, preprocess_images
 
 REPO = Path(devices.__file__).resolve().parents[1]
 
@@ -174,6 +174,65 @@ def test_images_are_preprocessed_exactly_as_hetero_does(tmp_path, saved, blocker
                        "--out", tmp_path / "nopil.npy")
     assert_one_line_error(proc, "pip install pillow")
     assert not (tmp_path / "nopil.npy").exists()
+
+
+def test_high_bit_depth_images_are_preprocessed_as_hetero_does_and_float_ones_refused_alike(tmp_path, saved, blocker):
+    """16-bit PNG, 32-bit "I" TIFF, a .tiff: scaled by their type's range on the device as in training
+    (never clipped), bit for bit; a float image is refused by both with the same one line."""
+    from PIL import Image
+
+    from hetero.data import Preprocess
+    from hetero.data.image_folder import load_image_folder
+    from hetero.errors import HeteroError
+
+    root = tmp_path / "deep"
+    (root / "train/a").mkdir(parents=True)
+    (root / "train/b").mkdir(parents=True)
+    g16 = np.array([[0, 257 * 64, 65535, 300], [1000, 40000, 128, 129]] * 2, dtype=np.uint16)
+    Image.fromarray(g16).save(root / "train/a/g16.png")
+    assert Image.open(root / "train/a/g16.png").mode == "I;16"
+    i32 = np.array([[-(2**31), -1, 0, 2**31 - 1]] * 4, dtype=np.int32)
+    Image.fromarray(i32).save(root / "train/a/i32.tif")
+    assert Image.open(root / "train/a/i32.tif").mode == "I"
+    rgb = np.random.default_rng(1).integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(root / "train/b/rgb.tiff")
+    # at its own size: 257*64 -> 64, not the 255 a clip gives; 32 bits over their signed range
+    assert load_image(root / "train/a/g16.png", 4, 1)[:2, :, 0].tolist() == [[0, 64, 255, 1], [4, 156, 0, 1]]
+    assert load_image(root / "train/a/i32.tif", 4, 1)[0, :, 0].tolist() == [0, 127, 128, 255]
+
+    # root/train as a flat ImageFolder (classes a, b): its "train" split is every file here
+    manifest = json.loads((saved / "export" / "manifest.json").read_text())
+    prep = Preprocess.from_dict(manifest["preprocess"])
+    ds = load_image_folder(root / "train", "train", size=prep.size, channels=prep.channels, progress=False)
+    ref_x = prep.apply(ds.images)
+    with create_runner(saved / "export", batch_size=4) as r:
+        ref = r.embed(ref_x)
+    out = tmp_path / "out" / "emb.npy"
+    out.parent.mkdir()
+    proc = run_blocked(blocker, "-m", "devices", "run", saved / "export", "--input", root / "train", "--out", out,
+                       "--batch-size", 4)
+    assert proc.returncode == 0, proc.stderr
+    names = [Path(n) for n in (tmp_path / "out" / "emb.txt").read_text().splitlines()]
+    assert [n.relative_to(root / "train").as_posix() for n in names] == ["a/g16.png", "a/i32.tif", "b/rgb.tiff"]
+    assert np.abs(np.load(out) - ref).max() == 0
+    assert np.array_equal(preprocess_images(names, manifest["preprocess"]), ref_x)
+    # and in colour, at another size
+    prep3 = Preprocess(11, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    ds3 = load_image_folder(root / "train", "train", size=11, channels=3, progress=False)
+    assert np.array_equal(preprocess_images(names, prep3.to_dict()), prep3.apply(ds3.images))
+
+    # a float image: the same one line from the runner and from hetero, naming the file
+    Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)).save(root / "train/b/depth.tif")
+    with pytest.raises(HeteroError) as e:
+        load_image_folder(root / "train", "train", progress=False)
+    assert "\n" not in str(e.value) and "depth.tif: a floating-point image (mode F)" in str(e.value)
+    proc = run_blocked(blocker, "-m", "devices", "run", saved / "export", "--input", root / "train",
+                       "--out", tmp_path / "f.npy")
+    assert_one_line_error(proc, "depth.tif: a floating-point image (mode F)", "convert it")
+    assert proc.stderr.strip() == f"error: {e.value}"
+    with pytest.raises(DeviceError, match=r"^\S*depth\.tif: a floating-point image") as d:
+        preprocess_images([root / "train/b/depth.tif"], manifest["preprocess"])
+    assert str(d.value) == str(e.value) and not (tmp_path / "f.npy").exists()
 
 
 def test_errors_are_one_line_and_leave_nothing_half_written(tmp_path, saved, blocker, capsys):
