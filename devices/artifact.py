@@ -1,4 +1,6 @@
-"""Read an export directory's ``manifest.json`` and pick an artifact, verifying its sha256.
+"""Read an export directory's ``manifest.json`` and pick an artifact, verifying its sha256 and that
+the file is what its entry says (format, precision, input shape: read from the file, see
+``devices._inspect``).
 
 Only the standard library: this file is part of the torch-free runner core.
 """
@@ -6,14 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devices._inspect import Inspection, inspect_artifact
 from devices.errors import DeviceError
 
 MANIFEST = "manifest.json"
+MAX_IMAGE_SIZE = 4096  # px: a manifest asking for larger inputs is refused before any image is resized to it
+ARTIFACT_SUFFIXES = (".onnx", ".ort", ".mlpackage")  # what `hetero export` writes and its entries list
 
 
 class NoSuchArtifact(DeviceError):
@@ -106,8 +112,93 @@ def load_manifest(export_dir: str | Path) -> dict[str, Any]:
             raise DeviceError(f"{d / MANIFEST} has a malformed artifact entry #{i + 1} ({why}); re-run `hetero export`")
         if entry.get("file") is not None:
             resolve_inside(d, entry["file"])
+            why = _shape_problem(manifest.get("preprocess"), entry)
+            if why:
+                raise DeviceError(f"{d / MANIFEST}: {why}; the manifest was edited, re-run `hetero export`")
+    why = _listing_problem(d, manifest)
+    if why:
+        raise DeviceError(f"{d / MANIFEST} {why}")
     manifest["_dir"] = str(d)
     return manifest
+
+
+def preprocess_problem(pre: Any) -> str | None:
+    """What is wrong with a ``preprocess`` block, if anything: the rules of hetero's ``Preprocess``
+    (exactly size, channels, mean, std; channels 1 or 3; one finite mean and one finite positive std
+    per channel) and a size of 1 to ``MAX_IMAGE_SIZE`` px. JSON admits ``Infinity`` and ``NaN``,
+    and ``std: Infinity`` would turn every image into the same zero input."""
+    keys = ("size", "channels", "mean", "std")
+    if not isinstance(pre, dict) or set(pre) != set(keys):
+        return f"preprocess must hold exactly {', '.join(keys)}"
+    size, channels = pre["size"], pre["channels"]
+    if isinstance(size, float) and size.is_integer():
+        size = int(size)
+    if isinstance(channels, float) and channels.is_integer():
+        channels = int(channels)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+        return f"preprocess.size {pre['size']!r} is not a whole number of pixels in 1..{MAX_IMAGE_SIZE}"
+    if isinstance(channels, bool) or channels not in (1, 3):
+        return f"preprocess.channels {pre['channels']!r} is not 1 or 3"
+    for key in ("mean", "std"):
+        vals = pre[key]
+        if not isinstance(vals, list) or len(vals) != channels or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            return f"preprocess.{key} must be a list of {channels} number(s), one per channel, got {vals!r}"
+        if not all(math.isfinite(v) for v in vals):
+            return f"preprocess.{key} {vals!r} is not finite"
+    if not all(v > 0 for v in pre["std"]):
+        return f"preprocess.std {pre['std']!r} must be positive"
+    return None
+
+
+def _shape_problem(pre: Any, entry: dict[str, Any]) -> str | None:
+    """An artifact's input [C, H, W] must be what the preprocessing makes: [channels, size, size]."""
+    if not isinstance(pre, dict):
+        return None
+    shape = [int(n) for n in entry["input"]["shape"][1:]]
+    want = [pre["channels"], pre["size"], pre["size"]]
+    if len(shape) == 3 and shape != [int(n) for n in want]:
+        return (f"preprocess (channels {pre['channels']}, size {pre['size']}) does not match the input "
+                f"[N, {', '.join(map(str, shape))}] of {entry['file']}")
+    return None
+
+
+def _listing_problem(d: Path, manifest: dict[str, Any]) -> str | None:
+    """Every artifact file of the directory is listed once, and every format the export was asked for
+    is either listed or recorded as skipped: an entry removed by hand (or pointed at another
+    artifact's file) is caught here."""
+    listed: dict[str, str] = {}
+    for e in manifest["artifacts"]:
+        name = e.get("file")
+        if name is None:
+            continue
+        key = Path(os.path.normpath(name)).as_posix()
+        if key in listed:
+            return (f"lists {name} for two artifacts ({listed[key]} and {e.get('export_format', e['format'])}); "
+                    "an entry was pointed at another artifact's file, re-run `hetero export`")
+        listed[key] = e.get("export_format", e["format"])
+    try:
+        present = sorted(p.name for p in d.iterdir() if p.name.endswith(ARTIFACT_SUFFIXES))
+    except OSError:
+        present = []
+    unlisted = [n for n in present if n not in listed]
+    if unlisted:
+        gone = [n for n in listed if not (d / n).exists()]
+        if gone:  # an entry's path edited to another name
+            return (f"lists {gone[0]}, which is not in the export directory, and no entry for {unlisted[0]}, which is: "
+                    "an artifact path was edited, re-run `hetero export`")
+        return (f"lists no entry for {unlisted[0]}, which is in the export directory (an entry was removed); "
+                "re-run `hetero export`, or move the file out of the directory")
+    requested = (manifest.get("export") or {}).get("requested") if isinstance(manifest.get("export"), dict) else None
+    if isinstance(requested, list):
+        have = {e.get("export_format") for e in manifest["artifacts"]}
+        skipped = manifest.get("skipped") if isinstance(manifest.get("skipped"), list) else []
+        have |= {s.get("format") for s in skipped if isinstance(s, dict)}
+        missing = [f for f in requested if isinstance(f, str) and f not in have]
+        if missing:
+            return (f"has no entry for {missing[0]}, which the export was asked for (an artifact was removed); "
+                    "re-run `hetero export`")
+    return None
 
 
 def _is_count(v: Any) -> bool:
@@ -130,8 +221,8 @@ def _header_problem(m: dict[str, Any]) -> str | None:
         for key in ("checkpoint", "checkpoint_fingerprint", "role", "name"):
             if model.get(key) is not None and not isinstance(model[key], str):
                 return f"model.{key} must be a string"
-    if m.get("preprocess") is not None and not isinstance(m["preprocess"], dict):
-        return "preprocess must be an object"
+    if m.get("preprocess") is not None:
+        return preprocess_problem(m["preprocess"])
     return None
 
 
@@ -159,8 +250,15 @@ def _entry_problem(e: Any) -> str | None:
 
 
 def checked_file(export_dir: Path, entry: dict[str, Any]) -> Path:
-    """The artifact file of a manifest entry, refused unless it exists inside the export directory
-    and matches its sha256."""
+    """The artifact file of a manifest entry, refused unless it exists inside the export directory,
+    matches its sha256 and is what the entry says (see :func:`inspected_file`)."""
+    return inspected_file(export_dir, entry)[0]
+
+
+def inspected_file(export_dir: Path, entry: dict[str, Any]) -> tuple[Path, Inspection]:
+    """:func:`checked_file`, and what the file turned out to be. A hash can be re-recorded by whoever
+    edits the manifest, so the format, precision and input shape are read from the file itself: a
+    relabelled precision would otherwise pick another artifact's (looser) gates."""
     path = resolve_inside(export_dir, entry["file"])
     if not path.exists():
         raise DeviceError(f"{path} listed in {MANIFEST} is missing; re-run `hetero export`")
@@ -176,7 +274,37 @@ def checked_file(export_dir: Path, entry: dict[str, Any]) -> Path:
                                       "(re-run `hetero export`)") from None
     if sha256_path(path) != entry.get("sha256"):
         raise DeviceError(f"{path} does not match its sha256 in {MANIFEST}; the file is corrupt or was replaced, re-run `hetero export`")
-    return path
+    found = inspect_artifact(path)
+    why = _contents_problem(found, entry)
+    if why:
+        raise DeviceError(f"{entry['file']} {why}; {MANIFEST} in {export_dir} was edited by hand or the file replaced, "
+                          "re-run `hetero export`")
+    return path, found
+
+
+def _nothing_compressed(found: Inspection, entry: dict[str, Any]) -> bool:
+    """A weight compression (Core ML int8-weights, palettes) that found no tensor above its threshold
+    writes plain FP32 constants under its compressed name: legitimate, and judged (gated) as the FP32
+    it is. Only FP32, the strictest gates, is let through this way, so no edit can loosen them."""
+    record = entry.get("compression")
+    compressed = record.get("compressed") if isinstance(record, dict) else None
+    return found.precision == "fp32" and isinstance(compressed, dict) and compressed.get("tensors") == 0
+
+
+def _contents_problem(found: Inspection, entry: dict[str, Any]) -> str | None:
+    """How the file disagrees with its entry, if it does (a file that could not be inspected cannot)."""
+    if found.format is not None and found.format != entry["format"]:
+        return f"is a {found.format} file, but its entry says format {entry['format']}"
+    if found.precision is not None and found.precision != entry.get("precision") and not _nothing_compressed(found, entry):
+        return (f"holds {found.precision} weights ({found.evidence}), but its entry says precision "
+                f"{entry.get('precision') or '(none)'}")
+    dims = found.input_dims
+    if dims and len(dims) == len(entry["input"]["shape"]) and all(isinstance(n, int) and n > 0 for n in dims[1:]):
+        want = [int(n) for n in entry["input"]["shape"][1:]]
+        if list(dims[1:]) != want:
+            return (f"takes inputs [N, {', '.join(map(str, dims[1:]))}], but its entry says "
+                    f"[N, {', '.join(map(str, want))}]")
+    return None
 
 
 def open_artifact(export_dir: str | Path, fmt: str = "onnx", precision: str | None = None) -> Artifact:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from export.base import EXPORTERS, Exporter, ExportJob, FormatCannotExpress, exporter, fidelity
-from export.manifest import FILENAME, new_manifest
+from export.manifest import FILENAME, check_exportable, new_manifest
 from export.manifest import FORMAT as MANIFEST_FORMAT
 from hetero._atomic import atomic_dir, check_output_dest, write_json_atomic
 from hetero._progress import progress_bar
@@ -44,7 +44,7 @@ def _is_hetero_export(d: Path) -> bool:
     import json
 
     try:
-        return json.loads((d / FILENAME).read_text()).get("format") == MANIFEST_FORMAT
+        return json.loads((d / FILENAME).read_text(encoding="utf-8")).get("format") == MANIFEST_FORMAT
     except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
@@ -94,6 +94,7 @@ def export_checkpoint(ckpt, out: str | Path, *, formats: tuple[str, ...] | list[
     """
     name = name or ckpt.role
     check_export_dest(Path(out), overwrite)  # before any work
+    check_exportable(ckpt)
     skipped: list[dict[str, str]] = []
     default_set = formats is None
     if formats is None:

@@ -6,13 +6,26 @@ import datetime as _dt
 import platform
 from typing import Any
 
+from devices.artifact import preprocess_problem
+from hetero.errors import HeteroError
+
 FORMAT = "hetero-manifest"
 VERSION = 1
 FILENAME = "manifest.json"
 
 
+def check_exportable(ckpt) -> None:
+    """The checkpoint's preprocessing must be one the device runners accept from a manifest
+    (``devices.artifact.preprocess_problem``: e.g. at most ``MAX_IMAGE_SIZE`` px)."""
+    why = preprocess_problem(ckpt.preprocess.to_dict())
+    if why:
+        raise HeteroError(f"{ckpt.path or 'the checkpoint'} cannot be exported: its {why}, which the device runners "
+                          "refuse")
+
+
 def new_manifest(ckpt, name: str) -> dict[str, Any]:
     """Manifest header for the artifacts of one checkpoint (``ckpt``: a loaded hetero Checkpoint)."""
+    check_exportable(ckpt)
     return {
         "format": FORMAT,
         "version": VERSION,

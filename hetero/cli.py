@@ -20,11 +20,11 @@ def _load_config_file(path: str | None) -> dict[str, Any]:
         raise HeteroError(f"--config {path}: no such file; pass a TOML or JSON file of training options")
     try:
         if p.suffix == ".json":
-            doc = json.loads(p.read_text())
+            doc = json.loads(p.read_text(encoding="utf-8"))
         else:
             import tomllib
 
-            doc = tomllib.loads(p.read_text())
+            doc = tomllib.loads(p.read_text(encoding="utf-8"))
     except (ValueError, TypeError, RecursionError, OSError) as e:
         raise HeteroError(f"--config {path} cannot be parsed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); fix the file") from None
     if not isinstance(doc, dict):
@@ -328,7 +328,7 @@ def cmd_train_supernet(args: argparse.Namespace) -> int:
         kw["losses"] = _parse_kv(args.loss, "--loss")
     if args.space:
         try:
-            kw["space"] = json.loads(Path(args.space).read_text())
+            kw["space"] = json.loads(Path(args.space).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise HeteroError(f"--space {args.space} does not exist; pass a JSON file of search-space fields") from None
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -510,7 +510,7 @@ def _bench_one(path: str, args: argparse.Namespace) -> dict:
     p = Path(path)
     if p.is_file() and p.suffix == ".json" and p.name != "manifest.json":
         try:
-            return check_result(json.loads(p.read_text()), str(p))
+            return check_result(json.loads(p.read_text(encoding="utf-8")), str(p))
         except (ValueError, RecursionError):
             raise HeteroError(f"{p} is not valid JSON; pass a latency JSON from `hetero bench --json`, an export "
                               "directory or a checkpoint") from None

@@ -8,6 +8,7 @@ import numpy as np
 
 from hetero._atomic import legacy_report
 from hetero.errors import HeteroError
+from hetero.verify.run import check_limits, check_preprocess
 
 LEGACY = legacy_report("evaluate report", "hetero evaluate:")  # a report written before output markers
 
@@ -53,6 +54,7 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
             if art.space != cloud.space:
                 raise HeteroError(f"artifact {artifacts[name]} was exported from cloud space {art.space[:12]}, not the "
                                   f"given cloud's {cloud.space[:12]}; export the edge model trained against this cloud")
+            check_preprocess(art.manifest, cloud, str(artifacts[name]))
             if q_inputs is None:
                 q_inputs = prep.apply(queries.images)
             with create_runner(artifacts[name], "onnxruntime") as runner:
@@ -88,6 +90,7 @@ def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, da
     from hetero.data import load_dataset
     from hetero.report import compatibility, format_table, host_info, model_row, render_markdown
 
+    check_limits(query_limit, gallery_limit)
     if out:
         check_output_dest(out, "evaluate report", True, LEGACY)  # before any work: a new path or an earlier evaluate report
     distributed.init()  # under torchrun the ranks share the embedding; rank 0 alone logs and writes
@@ -101,8 +104,8 @@ def evaluate(cloud_path: str, edge_path: str, *, artifact: str | None = None, da
     queries, gallery = load_dataset(data, "test", progress=progress), load_dataset(data, "train", progress=progress)
     if tuple(queries.classes) != tuple(gallery.classes):
         raise HeteroError("the dataset's test and train splits have different classes; fix the folders")
-    queries = queries.subset(query_limit) if query_limit else queries
-    gallery = gallery.subset(gallery_limit) if gallery_limit else gallery
+    queries = queries.subset(query_limit) if query_limit is not None else queries
+    gallery = gallery.subset(gallery_limit) if gallery_limit is not None else gallery
     scored = score_models(cloud, {name: edge}, queries, gallery,
                           artifacts={name: Path(artifact)} if artifact else None, progress=progress, reference=ref)
     report = {

@@ -122,6 +122,47 @@ def thresholds_for(gates: dict[str, Any], precision: str | None, reference: bool
     return out
 
 
+# A gate at this value (or beyond it) cannot fail: every measured value passes it. The metrics' own
+# ranges: mAP@R, overlaps and flip rates in [0, 1], the gap at most the paragon's mAP@R (<= 1),
+# cosines >= -1.
+_NO_OP: dict[str, tuple[Any, str]] = {
+    "compatibility_criterion": (False, "false turns the criterion off"),
+    "max_gap_to_paragon": (1.0, "the gap to the paragon is at most 1"),
+    "max_negative_flip_rate": (1.0, "a flip rate is at most 1"),
+    "max_negative_flip_rate_vs_torch": (1.0, "a flip rate is at most 1"),
+    "min_map_at_r": (0.0, "mAP@R is at least 0"),
+    "min_drift_cosine": (-1.0, "a cosine is at least -1"),
+    "min_p01_drift_cosine": (-1.0, "a cosine is at least -1"),
+    "min_top10_overlap": (0.0, "an overlap is at least 0"),
+    "min_top10_overlap_paragon": (0.0, "an overlap is at least 0"),
+}
+
+
+def no_op_gates(gates: dict[str, Any]) -> list[dict[str, Any]]:
+    """The gates of a validated configuration set where they check nothing (accepted, but a report
+    must say so): ``[{"where", "gate", "threshold", "why"}]`` with ``where`` "all" or "precision.NAME"."""
+    tables = [("all", gates["all"])] + [(f"precision.{p}", t) for p, t in gates["precision"].items()]
+    out = []
+    for where, table in tables:
+        for gate, threshold in table.items():
+            limit, why = _NO_OP[gate]
+            if gate == "compatibility_criterion":
+                idle = threshold is False
+            elif gate.startswith("min_"):
+                idle = threshold <= limit
+            else:
+                idle = threshold >= limit
+            if idle:
+                out.append({"where": where, "gate": gate, "threshold": threshold, "why": why})
+    return out
+
+
+def no_op_note(g: dict[str, Any]) -> str:
+    """One line for the console and the reports."""
+    value = ("true" if g["threshold"] else "false") if isinstance(g["threshold"], bool) else f"{g['threshold']:g}"
+    return f"gate {g['where']}.{g['gate']} = {value} checks nothing ({g['why']}); it cannot fail"
+
+
 def _value(gate: str, m: dict[str, Any]) -> Any:
     return {
         "compatibility_criterion": m["criterion_met"],

@@ -19,6 +19,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;m
   background:#fff;max-width:1400px}
 h1{font-size:22px;margin:0 0 6px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:3px}
 p.prov{margin:2px 0;font-size:13px;color:#333}p.note{font-size:12px;color:#555}
+p.warn{margin:6px 0;padding:8px 12px;background:#fff3cd;border-left:4px solid #e65100;font-size:13px}
 .verdict{margin:16px 0;padding:14px 18px;border-radius:6px;font-size:15px;color:#fff}
 .verdict .big{font-size:30px;font-weight:700;letter-spacing:1px;margin-right:14px}
 .verdict.pass{background:#1b5e20}.verdict.fail{background:#8e0000}.verdict ul{margin:6px 0 0 18px;padding:0}
@@ -150,9 +151,12 @@ def _verdict(r: dict[str, Any]) -> str:
     v = r["verdict"]
     ok = bool(v["passed"])
     failed = "".join(f"<li>{_e(f)}</li>" for f in v.get("failed") or [])
+    required = "; ".join(f"{x['pair']}: {x['status']}" for x in v.get("required") or [])
+    warnings = "".join(f'<p class="warn">Warning: {_e(w)}.</p>' for w in (r.get("gates") or {}).get("warnings") or [])
     return (f'<div class="verdict {"pass" if ok else "fail"}"><span class="big">{"PASS" if ok else "FAIL"}</span>'
             f'exit code {_e(v.get("exit_code"))} · {_e(v.get("ran", "?"))} pairs ran, {_e(v.get("skipped", 0))} skipped'
-            + (f"<div>Failed gates:</div><ul>{failed}</ul>" if failed else "") + "</div>")
+            + (f"<div>Failed gates:</div><ul>{failed}</ul>" if failed else "")
+            + (f"<div>Required pairs: {_e(required)}</div>" if required else "") + "</div>" + warnings)
 
 
 def _references(r: dict[str, Any]) -> str:
@@ -190,8 +194,11 @@ def _pairs_table(r: dict[str, Any]) -> str:
         crit = m.get("criterion_met")
         crit_s = "–" if crit is None else ('<span class="hit">met</span>' if crit else '<span class="miss">not met</span>')
         cls = ' class="fail"' if p.get("passed") is False else ""
+        src = p.get("precision_from") or ""
+        unchecked = f"<br><small>precision {_e(p.get('precision'))} {_e(src)}</small>" \
+            if src.startswith("as the manifest says") else ""
         rows.append(
-            f'<tr{cls}><td class="l">{_e(p["name"])}<br><small>{_e(p.get("runtime") or "")}</small></td>'
+            f'<tr{cls}><td class="l">{_e(p["name"])}<br><small>{_e(p.get("runtime") or "")}</small>{unchecked}</td>'
             f'<td>{_tag(p.get("label", "?"))}</td><td>{_tag(p["status"])}</td>'
             f'<td>{_f4(m.get("map_at_r"))}</td><td>{_f4(m.get("recall_at_1"))}</td><td>{_f4(m.get("recall_at_10"))}</td>'
             f'<td>{_f4(m.get("gap_to_paragon"))}</td><td>{crit_s}</td>'

@@ -20,6 +20,11 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"**Verdict: {'PASS' if v['passed'] else 'FAIL'}** (exit code {v['exit_code']}): {v['ran']} pair(s) ran, "
               f"{v['skipped']} skipped here, {v['failed_runners']} runner failure(s)."]
     lines += [f"- {f}" for f in v["failed"]]
+    if v.get("required"):
+        lines += ["", "Required pairs (`--require`): " + "; ".join(f"{r['pair']}: **{r['status']}**" for r in v["required"]) + "."]
+    warnings = report["gates"].get("warnings") or []
+    if warnings:
+        lines += [""] + [f"> **Warning:** {w}." for w in warnings]
     p, e2e = report["paragon"], report.get("edge_to_edge") or {}
     lines += ["", f"Paragon (cloud->cloud, torch): mAP@R {p['map_at_r']:.4f}, R@1 {p['recall_at_1']:.4f}, "
               f"R@10 {p['recall_at_10']:.4f}. Torch edge->edge (for the compatibility criterion): mAP@R "
@@ -48,6 +53,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         for g in r["gates"]:
             lines.append(f"| {r['name']} | {g['gate']} | {_val(g['threshold'])} | {_val(g['value'])} | "
                          f"{'pass' if g['passed'] else '**FAIL**'} |")
+    unchecked = [r for r in report["pairs"] if r.get("precision_from", "").startswith("as the manifest says")]
+    if unchecked:
+        lines += ["", "Precision taken from the manifest, not read from the artifact (its gates follow the manifest): "
+                  + "; ".join(f"{r['name']} ({r['precision_from']})" for r in unchecked) + "."]
     other = [r for r in report["pairs"] if r["status"] != "ok"]
     if other:
         lines += ["", "## Skipped and failed", "", "| pair | status | reason |", "|---|---|---|"]

@@ -61,6 +61,12 @@ def plan_pairs(manifest: dict[str, Any], only: list[str] | None = None) -> tuple
     return runnable, skipped
 
 
+def _precision(pair: Pair, precision_from: dict[str, tuple[str, str]]) -> str:
+    """The precision whose gates a pair gets: its artifact's, as read from the file where it can be."""
+    head = _pair_head(pair)
+    return precision_from.get(head["artifact"], (head["precision"], ""))[0] if head["artifact"] else head["precision"]
+
+
 def _skip(entry: dict[str, Any], runner: str, reason: str) -> dict[str, Any]:
     p = Pair(entry, runner)
     return {**_pair_head(p), "runtime": runner, "label": None, "status": "skipped", "reason": reason,
@@ -74,13 +80,93 @@ def _pair_head(p: Pair) -> dict[str, Any]:
             "artifact": e.get("file"), "runner": p.runner}
 
 
-def check_artifacts(manifest: dict[str, Any]) -> None:
-    """Every listed file is present and matches its sha256 (bad input otherwise: exit 2)."""
-    from devices.artifact import checked_file
+def check_artifacts(manifest: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Every listed file is present, matches its sha256 and is what its entry says (format,
+    precision, input shape, read from the file): bad input otherwise, exit 2. Returns, per file, the
+    precision that picks its gates (the file's where it can be read) and where that came from."""
+    from devices.artifact import inspected_file
 
+    out = {}
     for entry in manifest["artifacts"]:
-        if entry.get("file") is not None:
-            checked_file(Path(manifest["_dir"]), entry)
+        if entry.get("file") is None:
+            continue
+        found = inspected_file(Path(manifest["_dir"]), entry)[1]
+        said = entry.get("precision") or "fp32"
+        if found.precision is None:
+            out[entry["file"]] = (said, f"as the manifest says, not checked: {found.evidence}")
+        elif found.precision != said:  # a compression that compressed nothing: FP32, else refused above
+            out[entry["file"]] = (found.precision, f"read from the artifact ({found.evidence}; the manifest says {said})")
+        else:
+            out[entry["file"]] = (said, f"read from the artifact ({found.evidence})")
+    return out
+
+
+def check_preprocess(manifest: dict[str, Any], cloud, where: str) -> None:
+    """The manifest's preprocessing must be the cloud's: a device preprocesses images as the manifest
+    says, and the gallery was embedded with the cloud's."""
+    from hetero.data import Preprocess
+
+    got = manifest.get("preprocess")
+    want = cloud.preprocess.to_dict()
+    try:
+        same = Preprocess.from_dict(got) == cloud.preprocess
+    except HeteroError:
+        same = False
+    if not same:
+        diff = [k for k in want if not isinstance(got, dict) or got.get(k) != want[k]] or ["preprocess"]
+        shown = ", ".join(f"{k} {got.get(k) if isinstance(got, dict) else None!r} (cloud: {want[k]!r})"
+                          if k in want else k for k in diff)
+        raise HeteroError(f"{where}: the manifest's preprocessing differs from the cloud's: {shown}; devices would "
+                          "feed the model other inputs than the gallery was embedded with, re-run `hetero export`")
+
+
+def parse_required(specs: list[str] | None, manifest: dict[str, Any], runners: list[str] | None) -> list[str]:
+    """``--require FORMAT@RUNNER[,...]`` as pair names ("onnx-fp16 @ onnxruntime"); an unknown
+    format or runner, a runner that cannot run the format, or one left out by --runtime is bad input."""
+    from devices.runner import RUNNERS
+    from export import EXPORTERS
+
+    out: list[str] = []
+    formats = EXPORTERS.registered()
+    for spec in specs or []:
+        for item in spec.split(","):
+            fmt, at, runner = (x.strip() for x in item.partition("@"))
+            if not at or not fmt or not runner:
+                raise HeteroError(f"--require {item.strip()!r}: give FORMAT@RUNNER pairs separated by commas, e.g. "
+                                  "onnx@onnxruntime,coreml-fp16@coreml-interp")
+            if fmt not in formats:
+                raise HeteroError(f"--require {item.strip()}: unknown format {fmt!r}; known formats: {', '.join(formats)}")
+            if runner not in RUNNERS or runner == "torch":
+                known = ", ".join(n for n in RUNNERS if n != "torch")
+                raise HeteroError(f"--require {item.strip()}: unknown runner {runner!r}; known runners: {known}")
+            kinds = {e.get("format") for e in manifest["artifacts"] if e.get("export_format", e.get("format")) == fmt}
+            if kinds and not kinds & set(RUNNERS[runner].formats):
+                raise HeteroError(f"--require {item.strip()}: runner {runner} runs {', '.join(RUNNERS[runner].formats)} "
+                                  f"artifacts, not {fmt} ({', '.join(sorted(map(str, kinds)))})")
+            if runners and runner not in runners:
+                raise HeteroError(f"--require {item.strip()}: runner {runner} is left out by --runtime "
+                                  f"{','.join(runners)}; add it, or drop the requirement")
+            name = Pair({"format": fmt, "export_format": fmt}, runner).name
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def _required_status(required: list[str], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per required pair: ran / failed / skipped / absent, and the verdict lines of the unmet ones
+    (a failed runner is already in the verdict)."""
+    by_name = {r["name"]: r for r in rows}
+    status, failed = [], []
+    for name in required:
+        r = by_name.get(name)
+        if r is None:
+            status.append({"pair": name, "status": "absent", "reason": "the export has no such artifact"})
+            failed.append(f"{name}: required, but the export has no {name.split(' @ ')[0]} artifact")
+            continue
+        status.append({"pair": name, "status": "ran" if r["status"] == "ok" else r["status"], "reason": r["reason"]})
+        if r["status"] == "skipped":
+            failed.append(f"{name}: required, but skipped ({r['reason']})")
+    return status, failed
 
 
 def _edge_checkpoint(manifest: dict[str, Any], edge: str | None):
@@ -127,8 +213,11 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
            out: str | None = None, index: str = "exact", runners: list[str] | None = None,
            query_limit: int | None = None, gallery_limit: int | None = None, latency: bool = True,
            latency_budget_s: float = 0.3, html: bool = True, progress: bool = True,
-           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the verification and write report.json/.md/.html into ``out``; returns the report."""
+           require: list[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the verification and write report.json/.md/.html into ``out``; returns the report.
+
+    ``require``: ``FORMAT@RUNNER`` pairs (comma-separated lists allowed) that must run here: one that
+    is skipped or absent fails the verdict (exit 1)."""
     from devices.artifact import Artifact, load_manifest
     from devices.errors import DeviceError
     from devices.runner import runner_class
@@ -136,7 +225,7 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
     from hetero.data import load_dataset
     from hetero.distributed import cached_embeddings as dist_embeddings
     from hetero.report import host_info
-    from hetero.verify.gates import check_gates, load_gates, thresholds_for
+    from hetero.verify.gates import check_gates, load_gates, no_op_gates, no_op_note, thresholds_for
     from hetero.verify.score import INDEXES, Scorer
 
     from hetero import distributed
@@ -148,11 +237,15 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
     timings: dict[str, float] = {}
     if index not in INDEXES:
         raise HeteroError(f"--index {index!r} is not one of {', '.join(INDEXES)}")
+    check_limits(query_limit, gallery_limit)
     gate_cfg, gate_source = load_gates(gates)
+    idle_gates = no_op_gates(gate_cfg)
     try:
         man = load_manifest(manifest)
     except DeviceError as e:
         raise HeteroError(str(e)) from None
+    known = set(runner_class(r).name for r in runners) if runners else None
+    required = parse_required(require, man, sorted(known) if known else None)
     out_dir = Path(out) if out else Path(man["_dir"]).parent / "verify"
     _check_out(out_dir)
     cloud_ckpt = load_checkpoint(cloud, role="cloud")
@@ -160,13 +253,13 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
     if not control and man.get("space") != cloud_ckpt.space:
         raise HeteroError(f"{manifest} was exported in cloud space {str(man.get('space'))[:12]}, but --cloud {cloud} is "
                           f"space {cloud_ckpt.space[:12]}; pass the cloud the edge model was trained against")
-    check_artifacts(man)
+    check_preprocess(man, cloud_ckpt, str(manifest))
+    precision_from = check_artifacts(man)
     edge_ckpt = _edge_checkpoint(man, edge)
     if control and edge_ckpt.info.get("cloud_fingerprint") != cloud_ckpt.space:
         raise HeteroError(f"{manifest} is the export of a control model made for cloud space "
                           f"{str(edge_ckpt.info.get('cloud_fingerprint'))[:12]}, not --cloud {cloud} "
                           f"({cloud_ckpt.space[:12]}); pass that cloud")
-    known = set(runner_class(r).name for r in runners) if runners else None
     pairs, skipped = plan_pairs(man, sorted(known) if known else None)
 
     prep = cloud_ckpt.preprocess
@@ -178,8 +271,8 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
     if want_classes and list(gallery.classes) != list(want_classes):
         raise HeteroError(f"the dataset's classes ({', '.join(gallery.classes[:4])}, ...: {len(gallery.classes)}) do not "
                           f"match the gallery the cloud was trained on ({len(want_classes)} classes); pass that dataset with --data")
-    queries = (queries.subset(query_limit) if query_limit else queries).conform(prep)
-    gallery = (gallery.subset(gallery_limit) if gallery_limit else gallery).conform(prep)
+    queries = (queries.subset(query_limit) if query_limit is not None else queries).conform(prep)
+    gallery = (gallery.subset(gallery_limit) if gallery_limit is not None else gallery).conform(prep)
     timings["load"] = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
@@ -206,7 +299,7 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
         ids, ok, cos = m.pop("_ids"), m.pop("_ok"), m.pop("_drift", None)
         if cos is not None and pair.entry is not None:
             drift[pair.name] = cos
-        th = thresholds_for(gate_cfg, _pair_head(pair)["precision"], reference=pair.entry is None)
+        th = thresholds_for(gate_cfg, _precision(pair, precision_from), reference=pair.entry is None)
         g = check_gates(m, th)
         rows.append({**_pair_head(pair), "runtime": runtime, "label": label, "status": "ok", "reason": None,
                      "metrics": m, "latency": lat, "gates": g, "passed": all(x["passed"] for x in g)})
@@ -252,6 +345,11 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
     ran_artifacts = sum(1 for r in rows if r["status"] == "ok" and r["name"] != REFERENCE)
     if ran_artifacts == 0:
         failed.append("no artifact of the export could run on this host (see the skipped pairs)")
+    required_status, unmet = _required_status(required, rows)
+    failed += unmet
+    for r in rows:
+        if r["artifact"] is not None:
+            r["precision"], r["precision_from"] = precision_from.get(r["artifact"], (r["precision"], "as the manifest says"))
     timings["total"] = time.perf_counter() - t_start
     report = {
         "schema": SCHEMA,
@@ -263,10 +361,12 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
         "host": host_info(), "search": scorer.search_info,
         "paragon": scorer.paragon_metrics, "edge_to_edge": scorer.edge_to_edge,
         "pairs": rows,
-        "gates": {"source": gate_source, "thresholds": gate_cfg},
+        "gates": {"source": gate_source, "thresholds": gate_cfg, "no_op": idle_gates,
+                  "warnings": [no_op_note(g) for g in idle_gates]},
         "verdict": {"passed": not failed, "exit_code": 1 if failed else 0, "failed": failed,
                     "ran": sum(1 for r in rows if r["status"] == "ok"), "skipped": len(skipped),
-                    "failed_runners": sum(1 for r in rows if r["status"] == "failed")},
+                    "failed_runners": sum(1 for r in rows if r["status"] == "failed"),
+                    "required": required_status},
         "examples": examples,
         "timings_s": timings,
     }
@@ -274,6 +374,13 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
     log(summary_table(report))
     log(f"report: {out_dir / 'report.html'}" if html else f"report: {out_dir / 'report.json'}")
     return report
+
+
+def check_limits(query_limit: int | None, gallery_limit: int | None) -> None:
+    """--query-limit/--gallery-limit: None means every image; a count must be >= 1 (0 is not "all")."""
+    for flag, n in (("--query-limit", query_limit), ("--gallery-limit", gallery_limit)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise HeteroError(f"{flag} must be a whole number >= 1, got {n!r}; leave it out to use every image")
 
 
 def _torch_version() -> str:
@@ -357,6 +464,9 @@ def summary_table(report: dict[str, Any]) -> str:
     lines.append(f"verdict: {'PASS' if v['passed'] else 'FAIL'} (exit {v['exit_code']}): {v['ran']} pair(s) ran, "
                  f"{v['skipped']} skipped, {v['failed_runners']} runner failure(s)")
     lines += [f"  failed: {f}" for f in v["failed"]]
+    for r in v.get("required") or []:
+        lines.append(f"  required: {r['pair']}: {r['status']}")
+    lines += [f"warning: {w}" for w in report["gates"].get("warnings") or []]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from clitest import PERMISSIVE_GATES, one_line_error, run
 from hetero.cli import main
+from hetero.errors import HeteroError
 from hetero.verify.gates import DEFAULTS, load_gates, parse_gates, thresholds_for
 from hetero.verify.score import Scorer, top_overlap
 
@@ -258,3 +259,83 @@ def test_readme_gates_block_is_the_defaults():
     (block,) = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
     data = tomllib.loads(block)
     assert data == DEFAULTS and parse_gates(data) == parse_gates({})
+
+
+def test_gates_that_check_nothing_are_found():
+    """Every gate at (or beyond) the end of its metric's range cannot fail; the defaults check something."""
+    from hetero.verify.gates import GATES, no_op_gates, no_op_note
+
+    assert no_op_gates(parse_gates({})) == []
+    idle = no_op_gates(parse_gates({"all": {"compatibility_criterion": False, "max_gap_to_paragon": 1,
+                                            "max_negative_flip_rate": 0.99, "min_map_at_r": 0.0},
+                                    "precision": {"fp16": {"min_drift_cosine": -1.0, "min_p01_drift_cosine": -0.99},
+                                                  "int8": {"min_top10_overlap": 0}}}))
+    assert [(g["where"], g["gate"]) for g in idle] == [
+        ("all", "compatibility_criterion"), ("all", "max_gap_to_paragon"), ("all", "min_map_at_r"),
+        ("precision.fp16", "min_drift_cosine"), ("precision.int8", "min_top10_overlap")]
+    assert no_op_note(idle[0]) == "gate all.compatibility_criterion = false checks nothing (false turns the criterion " \
+                                  "off); it cannot fail"
+    assert "cosine is at least -1" in no_op_note(idle[3])
+    # each no-op threshold indeed passes the worst value its metric can take
+    worst = {"criterion_met": False, "gap_to_paragon": 1.0, "flips_vs_paragon": {"negative": 1.0},
+             "flips_vs_torch": {"negative": 1.0}, "map_at_r": 0.0, "drift": {"min": -1.0, "p01": -1.0},
+             "top10_overlap_torch": 0.0, "top10_overlap_paragon": 0.0}
+    every = parse_gates({"all": {"compatibility_criterion": False, "max_gap_to_paragon": 1.0, "max_negative_flip_rate": 1.0,
+                                 "max_negative_flip_rate_vs_torch": 1.0, "min_map_at_r": 0.0, "min_drift_cosine": -1.0,
+                                 "min_p01_drift_cosine": -1.0, "min_top10_overlap": 0.0, "min_top10_overlap_paragon": 0.0}})
+    assert {g["gate"] for g in no_op_gates(every) if g["where"] == "all"} == set(GATES)
+    from hetero.verify.gates import check_gates
+
+    assert all(g["passed"] for g in check_gates(worst, every["all"]))
+
+
+def test_required_pairs_are_parsed_and_judged():
+    from hetero.verify.run import _required_status, parse_required
+
+    man = {"artifacts": [{"format": "onnx", "export_format": "onnx", "file": "edge.onnx"},
+                         {"format": "coreml", "export_format": "coreml-fp16", "file": "edge.fp16.mlpackage"}]}
+    assert parse_required(["onnx@onnxruntime, coreml-fp16 @ coreml", "onnx@onnxruntime"], man, None) == [
+        "onnx @ onnxruntime", "coreml-fp16 @ coreml"]
+    assert parse_required(None, man, None) == []
+    for spec, words in (("onnx@nope", "unknown runner 'nope'; known runners: "), ("fp8@onnxruntime", "unknown format"),
+                        ("onnx@torch", "unknown runner 'torch'"), ("onnx@", "FORMAT@RUNNER"),
+                        ("coreml-fp16@onnxruntime", "runs onnx, ort artifacts, not coreml-fp16")):
+        with pytest.raises(HeteroError, match=words):
+            parse_required([spec], man, None)
+    with pytest.raises(HeteroError, match="left out by --runtime onnxruntime"):
+        parse_required(["coreml-fp16@coreml-interp"], man, ["onnxruntime"])
+    rows = [{"name": "onnx @ onnxruntime", "status": "ok", "reason": None},
+            {"name": "coreml-fp16 @ coreml", "status": "skipped", "reason": "needs macOS"},
+            {"name": "ort @ onnxruntime", "status": "failed", "reason": "boom"}]
+    status, failed = _required_status(["onnx @ onnxruntime", "coreml-fp16 @ coreml", "ort @ onnxruntime",
+                                       "onnx-int8 @ onnxruntime"], rows)
+    assert [s["status"] for s in status] == ["ran", "skipped", "failed", "absent"]
+    # a failed runner already fails the verdict on its own line; skipped and absent get theirs
+    assert failed == ["coreml-fp16 @ coreml: required, but skipped (needs macOS)",
+                      "onnx-int8 @ onnxruntime: required, but the export has no onnx-int8 artifact"]
+
+
+def test_the_report_says_where_each_precision_came_from(verified):
+    _, _, rep = verified
+    pairs = {r["name"]: r for r in rep["pairs"]}
+    assert pairs["onnx-fp16 @ onnxruntime"]["precision_from"] == "read from the artifact (float16 weight tensors)"
+    assert pairs["coreml-fp16 @ coreml-interp"]["precision_from"] == "read from the artifact (float16 constants)"
+    assert pairs["ort @ onnxruntime"]["precision_from"].startswith("read from the artifact")
+    assert "precision_from" not in pairs["torch @ torch"] and rep["verdict"]["required"] == []
+    assert rep["gates"]["warnings"] and all("checks nothing" in w for w in rep["gates"]["warnings"])  # PERMISSIVE_GATES
+
+
+def test_bad_input_relabelled_precision_and_other_preprocessing(bundle, saved, tmp_path, capsys):
+    d = _copy(bundle, tmp_path)
+    _manifest_edit(d, lambda m: [a.update(precision="int8") for a in m["artifacts"] if a["file"] == "edge.fp16.onnx"])
+    _bad_verify(capsys, saved, tmp_path, d, words=("edge.fp16.onnx holds fp16 weights", "says precision int8"))
+    shutil.rmtree(d)
+    d = _copy(bundle, tmp_path)
+    _manifest_edit(d, lambda m: m["preprocess"].update(mean=[0.5]))
+    _bad_verify(capsys, saved, tmp_path, d, words=("preprocessing differs from the cloud's", "mean [0.5]"))
+
+
+@pytest.mark.parametrize("flag", ["--query-limit", "--gallery-limit"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_bad_input_limits_below_one(bundle, saved, tmp_path, capsys, flag, value):
+    _bad_verify(capsys, saved, tmp_path, bundle / "export", flag, value, words=(flag, ">= 1"))
