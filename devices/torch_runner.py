@@ -36,7 +36,7 @@ class TorchRunner(Runner):
             raise DeviceError(f"{d} is an export directory; the torch runner takes a checkpoint directory "
                               "(use --runtime onnxruntime for an export)")
         try:
-            meta = json.loads((d / CHECKPOINT_FILE).read_text())
+            meta = json.loads((d / CHECKPOINT_FILE).read_text(encoding="utf-8"))
             pre, dim = meta["preprocess"], int(meta["model"]["dim"])
             shape = [int(pre["channels"]), int(pre["size"]), int(pre["size"])]
         except (OSError, ValueError, KeyError, TypeError, RecursionError):

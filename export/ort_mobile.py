@@ -52,8 +52,8 @@ def ort_from_onnx(src: str | Path, out_dir: str | Path, name: str, *, optimizati
         ort_path, config_path = out_dir / f"{name}.ort", out_dir / f"{name}.required_operators.config"
         shutil.move(made[0], ort_path)
         # the converter names its temporary paths in the config's comment: name the shipped file instead
-        text = configs[0].read_text().replace(str(made[0]), ort_path.name)
-        config_path.write_text(text)
+        text = configs[0].read_text(encoding="utf-8").replace(str(made[0]), ort_path.name)
+        config_path.write_text(text, encoding="utf-8")
     return ort_path, config_path
 
 
@@ -62,7 +62,7 @@ def ort_from_onnx(src: str | Path, out_dir: str | Path, name: str, *, optimizati
 def _export_ort(job: ExportJob, source: Path | None) -> dict[str, Any]:
     optimization = job.options.get("ort.optimization", "fixed")
     path, config = ort_from_onnx(source, job.out_dir, job.name, optimization=optimization)
-    ops = [line for line in config.read_text().splitlines() if line and not line.startswith("#")]
+    ops = [line for line in config.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
     return onnx_entry(job, path, "fp32", source.name, fmt="ort", optimization=optimization,
                       required_operators_config=config.name, required_operators_config_sha256=sha256_path(config),
                       operator_sets=ops,

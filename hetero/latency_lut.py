@@ -320,7 +320,7 @@ def check_table(obj: Any, where: str = "latency table") -> dict[str, Any]:
 def load_table(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HeteroError(f"{path} does not exist; build the table with measure_lut(..., path={str(path)!r})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

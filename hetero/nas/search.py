@@ -493,7 +493,7 @@ def read_arch(path: str):
     from hetero.nas.space import Arch, SearchSpace
 
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HeteroError(f"--arch {path} does not exist; pass the arch.json `hetero search` wrote") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

@@ -135,7 +135,7 @@ def load_supernet(path: str | Path, *, with_state: bool = False):
     if not (d / META).is_file():
         raise HeteroError(f"{path} is not a supernet directory (no {META}); pass the --out of `hetero train-supernet`")
     try:
-        meta = json.loads((d / META).read_text())
+        meta = json.loads((d / META).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HeteroError(f"{d / META} is not valid JSON ({e.__class__.__name__}); re-run `hetero train-supernet`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
