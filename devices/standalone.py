@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from devices import images
+from devices.artifact import preprocess_problem
 from devices.errors import DeviceError
 from devices.images import IMAGE_EXTENSIONS, list_images
 from devices.outputs import RUNNER_ZIP_COMMENT, listing_is_ours, refusal, run_refusal, write_all
@@ -117,16 +118,13 @@ def read_image_list(list_file: str | Path) -> list[Path]:
 
 
 def check_preprocess(pre: Any, where: str) -> dict[str, Any]:
-    """The manifest's ``preprocess`` block, validated: size, channels (1 or 3), mean and std per channel."""
-    try:
-        size, channels = int(pre["size"]), int(pre["channels"])
-        mean, std = [float(m) for m in pre["mean"]], [float(s) for s in pre["std"]]
-    except (TypeError, KeyError, ValueError):
-        raise DeviceError(f"{where} has no valid preprocess block (size, channels, mean, std); pass a preprocessed "
-                          ".npy batch instead, or re-run `hetero export`") from None
-    if size < 1 or channels not in (1, 3) or len(mean) != channels or len(std) != channels or min(std) <= 0:
-        raise DeviceError(f"{where} has an invalid preprocess block {pre!r}; re-run `hetero export`")
-    return {"size": size, "channels": channels, "mean": mean, "std": std}
+    """The manifest's ``preprocess`` block, validated by the manifest loader's one rule
+    (:func:`devices.artifact.preprocess_problem`), with numbers as the runner uses them."""
+    problem = preprocess_problem(pre)
+    if problem is not None:
+        raise DeviceError(f"{where}: {problem}; re-run `hetero export`, or pass a preprocessed float32 .npy batch")
+    return {"size": int(pre["size"]), "channels": int(pre["channels"]), "mean": [float(m) for m in pre["mean"]],
+            "std": [float(v) for v in pre["std"]]}
 
 
 def _pil():

@@ -52,13 +52,16 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     from hetero.evaluate import score_models
     from hetero.report import compatibility, format_table, host_info, model_row, render_markdown
     from hetero.train import TrainConfig, train_cloud, train_edge
-    from hetero.verify.run import verify
+    from hetero.verify.run import check_limits, verify
 
     from hetero.verify.gates import load_gates
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     load_gates(cfg.gates)  # a bad gates file fails now, not after training
+    check_limits(cfg.query_limit, cfg.gallery_limit)  # and so do limits of 0 (not "every image")
+    if cfg.train_limit is not None and cfg.train_limit < 1:
+        raise HeteroError(f"--train-limit must be >= 1, got {cfg.train_limit}; leave it out to train on every image")
     check_output_dest(cfg.out, "demo run", True, LEGACY)  # and an --out that is not an earlier demo run
 
     def lap(name: str, t0: float) -> None:

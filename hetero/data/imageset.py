@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from devices.artifact import MAX_IMAGE_SIZE
 from hetero.data.lazy import FolderImages
 from hetero.errors import HeteroError
 
@@ -28,8 +29,9 @@ class Preprocess:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise HeteroError(f"preprocess size must be a positive integer, got {self.size!r}")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 1 <= self.size <= MAX_IMAGE_SIZE:
+            raise HeteroError(f"preprocess size must be a positive integer up to {MAX_IMAGE_SIZE} px (what the device "
+                              f"runners accept), got {self.size!r}")
         if self.channels not in (1, 3) or isinstance(self.channels, bool):
             raise HeteroError(f"preprocess channels must be 1 or 3, got {self.channels!r}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:

@@ -323,3 +323,9 @@ def test_the_watch_sees_a_user_file_changed_added_or_removed(tmp_path):
     (tmp_path / "new.txt").write_text("")
     (tmp_path / "gone.txt").unlink()
     assert [Path(p).name for p in badinput.changes(before)] == ["gone.txt", "keep.txt", "new.txt"]
+
+
+@pytest.mark.parametrize("flag", ["--query-limit", "--gallery-limit", "--train-limit"])
+def test_demo_limit_of_zero_is_refused_before_any_work(place, flag):
+    """0 is not "every image": refused at once, not after the demo has trained (verify refused it then)."""
+    fails_cleanly(cli("demo", "--out", place.path / "d", flag, "0", "--quiet"), flag, ">= 1")

@@ -189,16 +189,14 @@ def test_preprocess_rules_match_heteros_own(prep):
         assert preprocess_problem({**GOOD, **bad})
 
 
-def test_export_refuses_what_the_device_core_would(saved, tmp_path):
-    import dataclasses
-
-    from export import export_checkpoint
-    from hetero.checkpoint import load_checkpoint
+def test_hetero_refuses_what_the_device_core_would():
+    """hetero's Preprocess has the device core's size bound: no checkpoint can carry a preprocessing
+    that its export's runners would refuse."""
     from hetero.data import Preprocess
     from hetero.errors import HeteroError
 
-    ckpt = load_checkpoint(saved / "edge")
-    huge = dataclasses.replace(ckpt, preprocess=Preprocess(size=MAX_IMAGE_SIZE * 2, channels=1, mean=(0.5,), std=(0.5,)))
-    with pytest.raises(HeteroError, match="cannot be exported: its preprocess.size 8192 is not a whole number"):
-        export_checkpoint(huge, tmp_path / "x")
-    assert not (tmp_path / "x").exists()
+    with pytest.raises(HeteroError, match=f"up to {MAX_IMAGE_SIZE} px"):
+        Preprocess(size=MAX_IMAGE_SIZE * 2, channels=1, mean=(0.5,), std=(0.5,))
+    ok = Preprocess(size=MAX_IMAGE_SIZE, channels=1, mean=(0.5,), std=(0.5,))
+    assert preprocess_problem(ok.to_dict()) is None
+    assert "1..4096" in preprocess_problem({**ok.to_dict(), "size": MAX_IMAGE_SIZE * 2})

@@ -270,6 +270,21 @@ def test_cache_writer_killed_by_sigkill_is_not_trusted(tmp_path, monkeypatch):
     assert [p.name for p in (cache / "images").iterdir()] == [ds.images.cache_path.name]  # the dead temp is gone
 
 
+def test_damaged_file_hash_memo_is_deleted_with_a_warning_and_rebuilt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HETERO_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "imgs")
+    d = load_image_folder(root, "train", size=10, channels=3, progress=False).digest()
+    (memo,) = (tmp_path / "cache" / "images").glob("*.sha256")
+    good = memo.read_bytes()
+    capsys.readouterr()
+    for damaged in (b"", good[:-5]):  # zero bytes (a power cut), cut short
+        memo.write_bytes(damaged)
+        assert load_image_folder(root, "train", size=10, channels=3, progress=False).digest() == d
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("warning: file-hash cache") and memo.name in line and "damaged" in line
+        assert memo.read_bytes() == good
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_file_is_one_line_error_naming_it(tmp_path, workers):
     from hetero.embed import embed_images
