@@ -4,15 +4,14 @@ Same rules as test_handed_over.py: one ``error:`` line, no traceback, exit 2, ev
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import struct
-import threading
 from pathlib import Path
 
 import pytest
 
 from badinput import TINY_TRAIN, cli, copy_tree, fails_cleanly, resave_meta
+from mirror import Server, isolate
 
 BYO = ["import-cloud", "--factory", "tinybyo:make", "--dim", "8", "--size", "16"]
 
@@ -65,19 +64,6 @@ def test_cloud_claiming_another_clouds_space_and_fingerprint(art, tmp_path, plac
 
 
 # ------------------------------------------------------------------------------------- non-finite weights
-
-def test_checkpoint_weights_with_inf(art, tmp_path, place):
-    """Consistent hashes and fingerprint, but an Inf weight: refused on load like NaN."""
-    import torch
-
-    from hetero.checkpoint import load_checkpoint, save_checkpoint
-
-    ckpt = load_checkpoint(art / "edge")
-    with torch.no_grad():
-        next(ckpt.model.parameters()).view(-1)[0] = float("-inf")
-    save_checkpoint(ckpt, tmp_path / "edge")
-    fails_cleanly(cli("export", "--edge", tmp_path / "edge", "--out", place.path / "x", "--quiet"), "Inf")
-
 
 def test_byo_weights_with_inf(art, tmp_path, place):
     from safetensors.torch import load_file, save_file
@@ -197,32 +183,12 @@ def test_download_that_is_not_the_published_file(art, tmp_path, place, monkeypat
     the published sizes but other bytes: refused by the pinned sha256, nothing left in HOME."""
     from hetero.data import fashion_mnist as fm
 
-    files = {f"/{name}.gz": b"\0" * size for name, (_, size, _) in fm.SHA256.items()}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = files.get(self.path)
-            if body is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    mirror = Server()
+    mirror.files = {f"/fm/{name}.gz": b"\0" * size for name, (_, size, _) in fm.SHA256.items()}
     try:
-        monkeypatch.setenv("HOME", str(tmp_path / "home"))
-        monkeypatch.delenv("HETERO_DATA", raising=False)
-        monkeypatch.setenv(fm.URL_ENV, f"http://127.0.0.1:{httpd.server_address[1]}/")
-        monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "no-system")
+        home = isolate(monkeypatch, tmp_path, mirror.url)
         fails_cleanly(cli("train-cloud", "--out", place.path / "c", *TINY_TRAIN),
                       "train-images-idx3-ubyte.gz has sha256", "not the published 3aede38d61863908")
     finally:
-        httpd.shutdown()
-        httpd.server_close()
-    assert not (tmp_path / "home").exists()
+        mirror.close()
+    assert not home.exists()

@@ -53,17 +53,18 @@ def test_checkpoint_json_of_wrong_types(art, tmp_path, place):
     fails_cleanly(cli("export", "--edge", edge, "--out", place.path / "x", "--quiet"))
 
 
-def test_checkpoint_weights_with_nan(art, tmp_path, place):
-    """Consistent hashes and fingerprint, but a NaN weight (a diverged run): refused on load."""
+@pytest.mark.parametrize("value, word", [("nan", "NaN"), ("-inf", "Inf")])
+def test_checkpoint_weights_not_finite(art, tmp_path, place, value, word):
+    """Consistent hashes and fingerprint, but a NaN or Inf weight (a diverged run): refused on load."""
     import torch
 
     from hetero.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(art / "edge")
     with torch.no_grad():
-        next(ckpt.model.parameters()).view(-1)[0] = float("nan")
+        next(ckpt.model.parameters()).view(-1)[0] = float(value)
     save_checkpoint(ckpt, tmp_path / "edge")
-    fails_cleanly(cli("export", "--edge", tmp_path / "edge", "--out", place.path / "x", "--quiet"), "NaN")
+    fails_cleanly(cli("export", "--edge", tmp_path / "edge", "--out", place.path / "x", "--quiet"), word)
 
 
 @pytest.mark.parametrize("factory, kwargs", [("os:system", "command"), ("subprocess:getoutput", "cmd")])

@@ -130,32 +130,38 @@ def test_run_and_bench_without_torch_match_the_in_process_runner(tmp_path, saved
     assert res["protocol"]["budget_s"] == 0.05 and res["results"][0]["iterations"] >= 5
 
 
-def test_images_are_preprocessed_exactly_as_hetero_does(tmp_path, saved, blocker):
+def runner_against_hetero(saved: Path, folder: Path, root: Path, out: Path, blocker, batch: int):
+    """hetero's ImageFolder + Preprocess reference for ``folder`` (its "train" split) and its embeddings,
+    then ``python -m devices run`` over ``root``: (manifest, reference inputs, reference embeddings,
+    the runner's row names as paths)."""
     from hetero.data import Preprocess
     from hetero.data.image_folder import load_image_folder
 
-    root = tmp_path / "imgs"
-    make_images(root)
     manifest = json.loads((saved / "export" / "manifest.json").read_text())
     prep = Preprocess.from_dict(manifest["preprocess"])
-    ds = load_image_folder(root, "train", size=prep.size, channels=prep.channels, progress=False)
+    ds = load_image_folder(folder, "train", size=prep.size, channels=prep.channels, progress=False)
     ref_x = prep.apply(ds.images)
-    with create_runner(saved / "export", batch_size=2) as r:
+    with create_runner(saved / "export", batch_size=batch) as r:
         ref = r.embed(ref_x)
+    out.parent.mkdir()
+    proc = run_blocked(blocker, "-m", "devices", "run", saved / "export", "--input", root, "--out", out,
+                       "--batch-size", batch)
+    assert proc.returncode == 0, proc.stderr
+    assert np.abs(np.load(out) - ref).max() == 0
+    return manifest, ref_x, ref, [Path(n) for n in out.with_suffix(".txt").read_text().splitlines()]
 
+
+def test_images_are_preprocessed_exactly_as_hetero_does(tmp_path, saved, blocker):
+    root = tmp_path / "imgs"
+    make_images(root)
     # a directory: recursive, sorted, hidden files and non-images skipped, the paths written beside
     out = tmp_path / "out" / "emb.npy"
-    out.parent.mkdir()
-    proc = run_blocked(blocker, "-m", "devices", "run", saved / "export", "--input", root / "train", "--out", out,
-                       "--batch-size", 2)
-    assert proc.returncode == 0, proc.stderr
-    names = (tmp_path / "out" / "emb.txt").read_text().splitlines()
-    assert [Path(n).relative_to(root / "train").as_posix() for n in names] == \
+    manifest, ref_x, ref, names = runner_against_hetero(saved, root, root / "train", out, blocker, 2)
+    assert [n.relative_to(root / "train").as_posix() for n in names] == \
         ["a/0.png", "a/1.jpg", "a/sub/2.png", "b/3.png", "b/4.bmp"]
-    assert np.abs(np.load(out) - ref).max() == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["emb.npy", "emb.txt"]
     # the preprocessing itself, bit for bit
-    assert np.array_equal(preprocess_images([Path(n) for n in names], manifest["preprocess"]), ref_x)
+    assert np.array_equal(preprocess_images(names, manifest["preprocess"]), ref_x)
 
     # a list file (relative to its directory, comments skipped) and a single image
     (root / "list.txt").write_text("# picked\ntrain/b/4.bmp\n\n" + str(root / "train/a/0.png") + "\n")
@@ -201,20 +207,9 @@ def test_high_bit_depth_images_are_preprocessed_as_hetero_does_and_float_ones_re
     assert load_image(root / "train/a/i32.tif", 4, 1)[0, :, 0].tolist() == [0, 127, 128, 255]
 
     # root/train as a flat ImageFolder (classes a, b): its "train" split is every file here
-    manifest = json.loads((saved / "export" / "manifest.json").read_text())
-    prep = Preprocess.from_dict(manifest["preprocess"])
-    ds = load_image_folder(root / "train", "train", size=prep.size, channels=prep.channels, progress=False)
-    ref_x = prep.apply(ds.images)
-    with create_runner(saved / "export", batch_size=4) as r:
-        ref = r.embed(ref_x)
-    out = tmp_path / "out" / "emb.npy"
-    out.parent.mkdir()
-    proc = run_blocked(blocker, "-m", "devices", "run", saved / "export", "--input", root / "train", "--out", out,
-                       "--batch-size", 4)
-    assert proc.returncode == 0, proc.stderr
-    names = [Path(n) for n in (tmp_path / "out" / "emb.txt").read_text().splitlines()]
+    manifest, ref_x, ref, names = runner_against_hetero(saved, root / "train", root / "train", tmp_path / "out" / "emb.npy",
+                                                        blocker, 4)
     assert [n.relative_to(root / "train").as_posix() for n in names] == ["a/g16.png", "a/i32.tif", "b/rgb.tiff"]
-    assert np.abs(np.load(out) - ref).max() == 0
     assert np.array_equal(preprocess_images(names, manifest["preprocess"]), ref_x)
     # and in colour, at another size
     prep3 = Preprocess(11, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))

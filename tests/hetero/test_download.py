@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import struct
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from mirror import Server, isolate
 
 from hetero.data import find_fashion_mnist, load_fashion_mnist, read_idx
 from hetero.data import fashion_mnist as fm
@@ -34,44 +34,6 @@ def small_set(n_train: int = 6, n_test: int = 3) -> dict[str, bytes]:
     return out
 
 
-class Server:
-    """``files`` (URL path -> bytes) served over HTTP on 127.0.0.1; ``short`` paths send half their
-    body, then the connection drops."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.short: set[str] = set()
-        self.hits: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.hits.append(self.path)
-                body = outer.files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if self.path in outer.short else body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fm/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def serve(self, files: dict[str, bytes]) -> None:
-        self.files = {f"/fm/{k}.gz": v for k, v in files.items()}
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
     s = Server()
@@ -82,11 +44,7 @@ def server():
 @pytest.fixture
 def isolated(tmp_path, monkeypatch, server):
     """Lookups see an empty HOME, no HETERO_DATA, no system dataset; downloads go to ``server``."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HETERO_DATA", raising=False)
-    monkeypatch.setenv(fm.URL_ENV, server.url)
-    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "no-system")
-    return tmp_path / "home"
+    return isolate(monkeypatch, tmp_path, server.url)
 
 
 def pin(monkeypatch, files: dict[str, bytes], raw: dict[str, int] | None = None, n=(6, 3)) -> None:
