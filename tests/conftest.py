@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +18,13 @@ if WORKERS > 1:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Files with a test marked ``slow`` first: pytest-xdist hands out whole files in this order, so the
-    long ones start at once and the workers finish together instead of one running a long tail."""
+    """Files with a test marked ``slow`` first, and among them the end-to-end ones at the top of tests/
+    (the README, the demo slice, kill -9: the longest single tests): pytest-xdist hands out whole files in
+    this order, so the long ones start at once and the workers finish together instead of one running a
+    long tail."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # stable: the order within a file is kept
+    top = Path(__file__).parent
+    items.sort(key=lambda item: (item.path not in slow, item.path.parent != top))  # stable within a file
 
 
 def pytest_report_header(config) -> list[str]:
