@@ -64,9 +64,11 @@ deploy: data
 		--out runs/demo/deploy --overwrite
 
 # one pytest-xdist worker per core, a whole test file per worker (its module fixtures built once); the
-# files with slow tests go first (tests/conftest.py) so that the workers finish together
+# files with slow tests go first (tests/conftest.py) so that the workers finish together, in that order:
+# without --no-loadscope-reorder xdist hands out the files with the most tests first, and the longest
+# single tests (README, demo slice) started last
 test: data ssh browser
-	$(VENV)/bin/pytest -q --durations=15 -n auto --dist loadfile
+	$(VENV)/bin/pytest -q --durations=15 -n auto --dist loadfile --no-loadscope-reorder
 
 bench: data
 	$(PY) benchmarks/metrics_speed.py

@@ -111,7 +111,7 @@ def atomic_dir(dest: str | Path, kind: str, overwrite: bool = False,
         finally:
             _BUILDING.discard(building)
         write_json_atomic(tmp / MARKER, {"format": MARKER_FORMAT, "kind": kind, "written_by": "hetero"}, durable=False)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         check_output_dest(dest, kind, True, legacy)  # still ours to replace after the work (nobody swapped it)
         if not os.path.lexists(dest):
             os.replace(tmp, dest)
@@ -126,7 +126,7 @@ def atomic_dir(dest: str | Path, kind: str, overwrite: bool = False,
                 os.replace(old, dest)
                 old = None
                 raise
-        _fsync_dir(dest.parent)  # the new output is durable before the old one goes
+        _files.fsync_dir(dest.parent)  # the new output is durable before the old one goes
     except BaseException:
         if old is None or old != tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -155,15 +155,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """fsync every regular file under ``root``, then every directory, deepest first."""
     dirs = []
     for here, _, files in os.walk(root):
@@ -178,7 +170,7 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
     for d in reversed(dirs):
-        _fsync_dir(Path(d))
+        _files.fsync_dir(d)
 
 
 def _umask() -> int:

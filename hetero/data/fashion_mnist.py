@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from devices.outputs import fsync_dir
+from hetero._atomic import fsync_tree
 from hetero.data._idx import read_idx
 from hetero.data.imageset import ImageSet
 from hetero.errors import HeteroError
@@ -171,11 +173,13 @@ def _download(dest: Path) -> Path:
                 raise HeteroError(
                     f"downloaded {prefix} files have shapes {imgs.shape}/{labels.shape}, expected ({n}, 28, 28)/({n},)"
                 )
+        fsync_tree(tmp)  # on disk before it is named: a power cut never leaves empty files at dest
         try:
             os.rename(tmp, dest)
         except OSError:
             if not has_fashion_mnist(dest):  # lost a race to another process: fine if it finished
                 raise
+        fsync_dir(dest.parent)
         done = True
         return dest
     finally:
