@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+from hetero import __version__
 from hetero.errors import HeteroError, Terminated, write_failure
 
 
@@ -645,6 +646,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hetero", description="Train, export and verify edge models compatible with a cloud embedding space.")
+    ap.add_argument("--version", action="version", version=f"hetero {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the whole slice on Fashion-MNIST (quick configuration)")
