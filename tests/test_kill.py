@@ -123,7 +123,7 @@ def check_kills(tmp_path, kit, first, again: list, is_new, points=POINTS, refere
 
 def test_kill_9_during_export(kit, tmp_path):
     out = tmp_path / "out"
-    base = ["export", "--edge", kit / "edge", "--out", out, "--formats", "onnx", "--quiet"]
+    base = ["export", "--edge", kit / "edge", "--out", out, "--formats", "onnx", "--check-samples", "20", "--quiet"]
 
     def is_new(d: Path) -> bool:
         from devices.artifact import checked_file, load_manifest
