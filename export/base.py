@@ -20,6 +20,11 @@ from devices.artifact import path_bytes, sha256_path
 from hetero.errors import HeteroError
 from hetero.registry import Registry
 
+# the tensor names of every artifact hetero exports (ONNX, Core ML, TensorRT alike): the runners and the
+# manifest name them
+INPUT_NAME = "input"
+OUTPUT_NAME = "embedding"
+
 TOPK = 10  # retrieval agreement is measured on the top-10 results
 BATCH_SIZES = (1, 8, 32)  # the batch sizes a fixed-shape target (Core ML, TensorRT profiles) is built for
 
@@ -158,7 +163,6 @@ def pending_fidelity(why: str) -> dict[str, Any]:
 
 def io_spec(job: ExportJob, *, batch: Any = "batch", dtype: str = "float32") -> tuple[dict[str, Any], dict[str, Any]]:
     """The input and output spec of an artifact of ``job.ckpt`` (NCHW preprocessed in, unit rows out)."""
-    from export.onnx import INPUT_NAME, OUTPUT_NAME
 
     c, h, w = job.ckpt.input_shape
     return ({"name": INPUT_NAME, "shape": [batch, c, h, w], "dtype": dtype, "layout": "NCHW, preprocessed"},

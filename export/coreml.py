@@ -41,7 +41,7 @@ import torch
 
 from export.base import (ExportJob, FormatBreaksModel, FormatCannotExpress, artifact_entry, check_not_broken, io_spec,
                          measured_fidelity, pending_fidelity, register_exporter)
-from export.onnx import INPUT_NAME, OUTPUT_NAME
+from export.base import INPUT_NAME, OUTPUT_NAME
 from hetero.errors import HeteroError, require
 
 DEPLOYMENT_TARGET = "iOS16"

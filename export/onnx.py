@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.base import ExportJob, artifact_entry, check_not_broken, measured_fidelity, register_exporter
+from export.base import (INPUT_NAME, OUTPUT_NAME, ExportJob, artifact_entry, check_not_broken, measured_fidelity,
+                         register_exporter)
 from hetero.errors import HeteroError, require
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "embedding"
 OPSET = 18
 
 

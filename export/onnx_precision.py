@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from export.base import ExportJob, register_exporter
-from export.onnx import INPUT_NAME, onnx_entry, weight_bytes  # noqa: F401  (weight_bytes: re-exported)
+from export.base import INPUT_NAME
+from export.onnx import onnx_entry, weight_bytes  # noqa: F401  (weight_bytes: re-exported)
 from hetero.errors import HeteroError, require
 
 # Kept in FP32 in the FP16 model: the L2 normalisation and the reductions around it. In FP16 the

@@ -35,7 +35,7 @@ import numpy as np
 
 from export.base import (ExportJob, FormatCannotExpress, artifact_entry, io_spec, measured_fidelity, pending_fidelity,
                          register_exporter)
-from export.onnx import INPUT_NAME, OUTPUT_NAME
+from export.base import INPUT_NAME, OUTPUT_NAME
 from hetero.errors import HeteroError, require
 
 FORMAT = "tensorrt"
