@@ -71,7 +71,7 @@ def write_all(files: dict[Path, Data], durable: bool = True) -> None:
 def _temp_written(path: Path, data: Data, durable: bool) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its writer
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would make the file private to its writer
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
@@ -99,7 +99,8 @@ def fsync_dir(d: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for longer than a call)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from devices import outputs as _files
+from devices.artifact import sha256_path
 from devices.outputs import Data
 from hetero.errors import HeteroError
 
@@ -103,7 +104,7 @@ def atomic_dir(dest: str | Path, kind: str, overwrite: bool = False,
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     old = None
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the output private to its writer
+        os.chmod(tmp, 0o777 & ~_files.umask())  # mkdtemp's 0700 would make the output private to its writer
         building = Path(os.path.abspath(tmp))
         _BUILDING.add(building)
         try:
@@ -171,12 +172,6 @@ def fsync_tree(root: Path) -> None:
                 os.close(fd)
     for d in reversed(dirs):
         _files.fsync_dir(d)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_json_atomic(path: str | Path, obj: Any, durable: bool = True) -> None:
@@ -250,11 +245,4 @@ def discard_damaged(path: Path, seen: os.stat_result, what: str, why: str) -> No
         pass
 
 
-def sha256_file(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = sha256_path  # the manifest's one digest, for checkpoints' and supernets' files too
