@@ -22,13 +22,13 @@ import torch
 
 from hetero._atomic import write_json_atomic, write_text_atomic
 from hetero.checkpoint import load_checkpoint, save_checkpoint
-from hetero.cost import count_flops
+from hetero.models.complexity import count_flops
 from hetero.data import FASHION_MNIST_PREPROCESS as PREP
 from hetero.data import load_dataset
 from hetero.embed import cloud_targets, embed_images
 from hetero.flips import flip_rates, top1_correct
 from hetero.metrics import retrieval_metrics
-from hetero.report import host_info
+from hetero.app.report import host_info
 from hetero.train import TrainConfig, train_cloud, train_edge
 
 SIZES = {  # name -> (backbone, kwargs); FLOPs cut is measured against the cloud

@@ -21,7 +21,7 @@ from hetero.checkpoint import load_checkpoint
 from hetero.data import FASHION_MNIST_PREPROCESS as PREP
 from hetero.data import load_dataset
 from hetero.embed import cloud_targets
-from hetero.report import host_info
+from hetero.app.report import host_info
 from hetero.train import TrainConfig, train_cloud, train_edge
 
 TARGET = 1.3

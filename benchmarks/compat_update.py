@@ -26,12 +26,12 @@ import torch
 
 from hetero._atomic import write_json_atomic, write_text_atomic
 from hetero.checkpoint import load_checkpoint, save_checkpoint
-from hetero.cost import count_flops
+from hetero.models.complexity import count_flops
 from hetero.data import FASHION_MNIST_PREPROCESS as PREP
 from hetero.data import load_dataset
 from hetero.errors import HeteroError
-from hetero.evaluate import score_models
-from hetero.report import host_info
+from hetero.app.evaluate import score_models
+from hetero.app.report import host_info
 from hetero.train import TrainConfig, train_cloud, train_edge
 
 FLIPS = ("negative_flip_rate", "positive_flip_rate")

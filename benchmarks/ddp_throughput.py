@@ -31,14 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._results import emit  # noqa: E402
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from devices.bench import cpu_model  # noqa: E402
 
 
 def run(kind: str, args: argparse.Namespace, work: Path, cloud: str, i: int) -> dict:

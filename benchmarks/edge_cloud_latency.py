@@ -21,7 +21,7 @@ from devices import bench, create_runner
 from devices.bench import host
 from export import export_checkpoint
 from hetero.checkpoint import Checkpoint, save_checkpoint
-from hetero.cost import count_flops, count_params
+from hetero.models.complexity import count_flops, count_params
 from hetero.data import FASHION_MNIST_PREPROCESS as PREP
 from hetero.models.embedding import ModelSpec, create_embedding_model
 from _results import emit  # benchmarks/_results.py, next to this script

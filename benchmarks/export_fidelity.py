@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from devices import create_runner
 from export import export_checkpoint
-from export.onnx import ort_embed
 from hetero.checkpoint import check_same_space, load_checkpoint
 from hetero.data import load_dataset
 from hetero.embed import cloud_targets, embed_images
 from hetero.metrics import retrieval_metrics
-from hetero.report import host_info
+from hetero.app.report import host_info
 from _results import emit  # benchmarks/_results.py, next to this script
 
 MIN_COS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
@@ -93,7 +93,9 @@ def main() -> int:
         if a.get("weight_bytes") and fp32["weight_bytes"]:
             row["weight_ratio"] = a["weight_bytes"] / fp32["weight_bytes"]
         if f.get("label") == "measured" and a["format"] in ("onnx", "ort"):
-            got, _ = ort_embed(Path(a.get("_dir", out)) / a["file"], queries)
+            with create_runner(a.get("_dir", out), "onnxruntime", fmt=a["format"], precision=a["precision"],
+                               batch_size=1024) as r:
+                got = r.embed(queries)
             row["map_at_r"] = retrieval_metrics(got, test.labels, gallery, train.labels)["map_at_r"]
             row["map_delta_points"] = 100 * (row["map_at_r"] - base)
         row["verdict"] = verdict(row)

@@ -24,7 +24,7 @@ from export import export_checkpoint
 from export.base import fidelity
 from hetero.checkpoint import load_checkpoint
 from hetero.data import load_dataset
-from hetero.report import host_info
+from hetero.app.report import host_info
 
 
 def main() -> int:

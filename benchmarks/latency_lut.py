@@ -36,16 +36,42 @@ from pathlib import Path
 
 import torch
 
-from hetero import latency_lut as L
+from hetero.app import latency as M
+from hetero.models.embedding import ModelSpec
+from hetero.nas import latency as L
 
 TARGET = 0.10
 RESULTS = Path(__file__).resolve().parent / "results"
+DIM = 128
+# family -> {parameter: choices}: the grid the architectures are drawn from (the registered backbones'
+# width and depth multipliers; any value their constructors accept builds, the grid bounds the draw)
+GRID: dict[str, dict[str, tuple]] = {
+    "mobilenet": {"width": (0.25, 0.375, 0.5, 0.625, 0.75, 1.0), "depth": (0.5, 1.0, 1.5, 2.0)},
+    "resnet": {"depth": (8, 14, 20, 26, 32), "width": (8, 12, 16, 20, 24)},
+}
+FAMILIES = tuple(GRID)
+
+
+def random_arch(rng: random.Random, family: str) -> dict:
+    """A uniformly drawn architecture of ``family``: ``{"family": .., <parameter>: ..}``."""
+    return {"family": family, **{k: rng.choice(v) for k, v in GRID[family].items()}}
+
+
+def arch_name(a: dict) -> str:
+    if a["family"] == "mobilenet":
+        return f"mobilenet-w{a['width']:g}-d{a['depth']:g}"
+    return f"resnet{a['depth']}-w{a['width']}"
+
+
+def spec(a: dict) -> ModelSpec:
+    """The embedding model of an architecture: its family's registered backbone with its parameters."""
+    return ModelSpec(a["family"], DIM, {k: v for k, v in a.items() if k != "family"})
 
 
 def draw(rng: random.Random, family: str, n: int, exclude: list[dict]) -> list[dict]:
     out: list[dict] = []
     while len(out) < n:
-        a = L.random_arch(rng, family)
+        a = random_arch(rng, family)
         if a not in out and a not in exclude:
             out.append(a)
     return out
@@ -65,7 +91,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    fams = L.FAMILIES
+    fams = FAMILIES
     cal_rng, rng = random.Random(args.seed + 1_000_003), random.Random(args.seed)
     calibration = [a for f in fams for a in draw(cal_rng, f, args.calibration, [])]
     per = [args.archs // len(fams) + (i < args.archs % len(fams)) for i in range(len(fams))]
@@ -77,27 +103,29 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         table_path = Path(args.table) if args.table else Path(tmp) / "lut.json"
-        blocks = [b for m in models for b in L.decompose(m)]
+        blocks = [b for m in models for b in L.decompose(spec(m))]
         table = L.load_table(table_path) if table_path.exists() else L.new_table(args.profile)
         known = len(table["entries"])
         t_measure = time.perf_counter()
-        table, measured = L.measure(blocks, models, table, profile=args.profile, path=table_path, chunk=len(blocks), **kw)
+        table, measured = M.measure(blocks, [spec(m) for m in models], table, profile=args.profile, path=table_path,
+                                    chunk=len(blocks), **kw)
         t_measure = time.perf_counter() - t_measure
-        L.calibrate_overhead(table, calibration, measured=measured[:len(calibration)], path=table_path)
+        M.calibrate_overhead(table, [spec(m) for m in calibration], measured=measured[:len(calibration)],
+                             labels=calibration, path=table_path)
         table = L.load_table(table_path)  # what was written is what predicts
 
     stat = table["stat"]
     rows = []
     for a, m in zip(evaluated, measured[len(calibration):]):
-        pred = L.predict_latency(a, table)
-        rows.append({"arch": a, "name": L.arch_name(a), "blocks": len(L.decompose(a)), "measured_ms": m[stat],
+        pred = L.predict_latency(spec(a), table)
+        rows.append({"arch": a, "name": arch_name(a), "blocks": len(L.decompose(spec(a))), "measured_ms": m[stat],
                      "measured_p50_ms": m["p50_ms"], "predicted_ms": pred, "error": (pred - m[stat]) / m[stat]})
     errs = [abs(r["error"]) for r in rows]
     med, worst = statistics.median(errs), max(errs)
     ablation = {}
     for s in L.STATS:
         t = L.use_stat(table, s)
-        e = [abs(L.predict_latency(a, t) - m[s]) / m[s] for a, m in zip(evaluated, measured[len(calibration):])]
+        e = [abs(L.predict_latency(spec(a), t) - m[s]) / m[s] for a, m in zip(evaluated, measured[len(calibration):])]
         ablation[s] = {"median_abs_error": statistics.median(e), "max_abs_error": max(e), "overhead_ms": t["overhead_ms"]}
     by_family = {f: statistics.median(abs(r["error"]) for r in rows if r["arch"]["family"] == f) for f in fams}
     elapsed = time.perf_counter() - t0
@@ -120,7 +148,7 @@ def main() -> int:
           f"(export and timing {t_measure:.0f} s)")
 
     protocol = {"families": list(fams), "evaluated": len(evaluated), "calibration": len(calibration), "seed": args.seed,
-                "input_shape": list(L.DEFAULT_INPUT), "dim": L.DEFAULT_DIM, "batch": 1, "profile": table["profile"],
+                "input_shape": list(L.DEFAULT_INPUT), "dim": DIM, "batch": 1, "profile": table["profile"],
                 "settings": table["settings"], "statistic": stat, "table": table["protocol"],
                 "whole_models": "onnx_from_torch FP32 simplified, same runner and settings, timed in the same "
                                 "interleaved pass as the blocks",

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from devices.bench import cpu_model
 from hetero.metrics import retrieval_metrics
 
 TARGET_S = 20.0
@@ -66,7 +67,7 @@ def main() -> None:
     print(f"target:   {TARGET_S:.0f} s")
     print(f"ratio target/measured: {TARGET_S / seconds:.2f} ({'meets' if seconds <= TARGET_S else 'MISSES'} target)")
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+    print(f"machine: {platform.platform()}, {cpu_model()}, "
           f"cpu_count={os.cpu_count()}, usable={usable}, python {platform.python_version()}, numpy {np.__version__}")
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"date: {date}")

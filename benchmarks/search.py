@@ -37,9 +37,9 @@ HAND = {"w050": ("mobilenet_w050", {}), "w035d050": ("mobilenet", {"width": 0.35
 
 
 def score(ckpt, cloud, queries, gallery, g_cloud, q_cloud) -> dict:
-    from hetero.cost import count_flops, count_params
+    from hetero.models.complexity import count_flops, count_params
     from hetero.embed import embed_images
-    from hetero.verify.score import Scorer
+    from hetero.app.verify.score import Scorer
 
     prep = cloud.preprocess
     q = embed_images(ckpt.model, queries, prep, progress=False)
@@ -110,14 +110,14 @@ def train_cloud_here(args, work: Path, train, limit):
     """Train the benchmark's own cloud into ``work/cloud-trained`` (step-level state in ``.resume``), or load it."""
     from hetero._resume import Snapshots, read_state
     from hetero.checkpoint import load_checkpoint, save_checkpoint
-    from hetero.cli import _parse_kv
+    from hetero.app.options import parse_kv
     from hetero.data import FASHION_MNIST_PREPROCESS
     from hetero.train import TrainConfig, train_cloud
 
     out = work / "cloud-trained"
     if (out / "hetero.json").is_file():
         return load_checkpoint(out, role="cloud")
-    cfg = TrainConfig(model=args.cloud_model, model_kwargs=_parse_kv(args.cloud_kwargs, "--cloud-kwargs") if args.cloud_kwargs
+    cfg = TrainConfig(model=args.cloud_model, model_kwargs=parse_kv(args.cloud_kwargs, "--cloud-kwargs") if args.cloud_kwargs
                       else {}, epochs=1 if args.smoke else args.cloud_epochs, augment=True, margin=0.2, seed=0, limit=limit)
     state_dir = work / "cloud-trained.resume"
     loaded = read_state(state_dir) if (state_dir / "state.pt").is_file() else None
@@ -158,21 +158,21 @@ def main() -> int:
     from hetero import distributed
     from hetero._atomic import write_json_atomic, write_text_atomic
     from hetero.checkpoint import load_checkpoint, save_checkpoint
-    from hetero.cli import _parse_kv
-    from hetero.cost import count_flops
+    from hetero.app.options import parse_kv
+    from hetero.models.complexity import count_flops
     from hetero.data import load_dataset
     from hetero.embed import cloud_targets, embed_on_training_device
-    from hetero.nas.search import SearchConfig, read_arch, search
+    from hetero.app.search import SearchConfig, read_arch, search
     from hetero.nas.train import SupernetConfig, load_supernet, train_supernet
     from hetero.pretrained import load_pretrained
-    from hetero.report import host_info
+    from hetero.app.report import host_info
     from hetero.train import TrainConfig, train_edge
 
     work, out = Path(args.work), Path(args.out)
     state = json.loads(out.read_text()) if out.is_file() else {}
     limit = 6000 if args.smoke else None
     sn_epochs, e_epochs = (1, 1) if args.smoke else (args.supernet_epochs, args.edge_epochs)
-    recipe = _parse_kv(args.recipe, "--recipe")
+    recipe = parse_kv(args.recipe, "--recipe")
     train, test = load_dataset(None, "train"), load_dataset(None, "test")
     if args.cloud and args.cloud_model:
         ap.error("give --cloud (a trained cloud) or --cloud-model (train one here), not both")

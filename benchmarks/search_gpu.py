@@ -88,10 +88,10 @@ def main() -> int:
               "or copy its cloud-trained/", file=sys.stderr)
         return 2
     from hetero import distributed
-    from hetero.cli import _parse_kv
+    from hetero.app.options import parse_kv
 
     space = json.loads(Path(args.space).read_text()) if args.space else None
-    cal = calibrate(work, space, _parse_kv(args.recipe, "--recipe"))
+    cal = calibrate(work, space, parse_kv(args.recipe, "--recipe"))
     cal["calibration_seconds"] = time.perf_counter() - t0
     left = args.seconds - cal["calibration_seconds"] - args.search_seconds - args.fixed_seconds
     n_train = 60000 - 5000  # the supernet trains on train minus its validation split; the edges on all of train

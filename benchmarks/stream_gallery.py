@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from devices.bench import cpu_model  # noqa: E402
+
 SIZE = 224
 CLASSES = 10
 RSS_TARGET_GB = 2.0
@@ -111,16 +113,6 @@ def _rss_mb(who: int) -> float:
     return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux: kB
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
@@ -183,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
         "label": "measured",
         "scenario": "image-cache" if args.image_cache else "decode",
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "host": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                  "python": platform.python_version(), "platform": platform.platform(),
                  "note": "shared machine: other jobs were running, so throughput is a lower bound"},
         "setup": {"images": len(ds), "size": SIZE, "channels": 3, "classes": len(ds.classes),

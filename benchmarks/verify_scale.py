@@ -6,7 +6,7 @@ at most 60 s on 2 cores, model training excluded; a 1M-vector gallery searched e
 RSS at most 4 GB.
 
 Each configuration runs in a fresh process, so its peak RSS (ru_maxrss) is its own. The synthetic
-runs drive the same scorer verify uses (``hetero.verify.score.Scorer``) exactly as verify does:
+runs drive the same scorer verify uses (``hetero.app.verify.score.Scorer``) exactly as verify does:
 paragon, torch reference with its own gallery (edge->edge), then one scoring per runtime. Classes
 are chosen so that R (relevant items per query) stays realistic: 10 classes up to 60k (R = 6,000
 at 60k, as Fashion-MNIST), 1,000 classes at 1M (R = 1,000).
@@ -42,7 +42,7 @@ def _unit(rng, n: int, dim: int, centers, labels, noise: float):
 def child(gallery: int, queries: int, dim: int, runtimes: int, seed: int) -> dict:
     import numpy as np
 
-    from hetero.verify.score import Scorer
+    from hetero.app.verify.score import Scorer
 
     classes = 10 if gallery <= 60_000 else gallery // 1000
     rng = np.random.default_rng(seed)
@@ -82,7 +82,7 @@ def run_child(args: list[str], env: dict | None = None) -> dict:
 
 
 def demo_child(export: str, cloud: str, edge: str, out: str) -> dict:
-    from hetero.cli import main
+    from hetero.app.cli import main
 
     t0 = time.perf_counter()
     code = main(["verify", "--manifest", export, "--cloud", cloud, "--edge", edge, "--out", out, "--quiet"])

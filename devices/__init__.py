@@ -2,7 +2,6 @@
 the runtime, so it can be copied to a device alone (see ``python -m devices``)."""
 from devices import onnxruntime_runner as _ort  # noqa: F401  (registers the runners)
 from devices import tensorrt_runner as _trt  # noqa: F401
-from devices import torch_runner as _torch  # noqa: F401
 from devices.artifact import Artifact, load_manifest, open_artifact
 from devices.bench import bench
 from devices.errors import DeviceError

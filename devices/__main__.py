@@ -4,10 +4,10 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from devices.standalone import main as _main
+
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m devices") -> int:
-    from devices.standalone import main as _main
-
     return _main(argv, prog=prog)
 
 

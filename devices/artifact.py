@@ -16,15 +16,16 @@ from typing import Any
 
 from devices._inspect import Inspection, inspect_artifact
 from devices.errors import DeviceError
+from devices.schema import MANIFEST_FILE, MANIFEST_FORMAT
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 MAX_IMAGE_SIZE = 4096  # px: a manifest asking for larger inputs is refused before any image is resized to it
 ARTIFACT_SUFFIXES = (".onnx", ".ort", ".mlpackage")  # what `hetero export` writes and its entries list
 
 
 class NoSuchArtifact(DeviceError):
     """The manifest lists no artifact of the asked format/precision."""
-FORMAT = "hetero-manifest"
+FORMAT = MANIFEST_FORMAT
 
 
 @dataclass(frozen=True)

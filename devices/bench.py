@@ -2,7 +2,7 @@
 size; p50/p90/p99/mean/std, throughput, peak RSS and thread count; one JSON schema for every runtime.
 
 Standard library and numpy only (part of the torch-free runner core). The timed call is the
-runner's bare ``_run`` on a batch validated once beforehand, so the harness adds a clock read and a
+runner's bare ``forward`` on a batch validated once beforehand, so the harness adds a clock read and a
 list append per iteration, nothing else.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import datetime as _dt
 import os
 import platform
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -18,8 +19,9 @@ import numpy as np
 
 from devices.artifact import sha256_path
 from devices.errors import DeviceError
+from devices.schema import LATENCY_SCHEMA
 
-SCHEMA = "hetero-latency/1"
+SCHEMA = LATENCY_SCHEMA
 LABELS = ("measured", "emulated", "predicted")
 
 
@@ -50,7 +52,7 @@ def host() -> dict[str, Any]:
 def peak_rss_bytes() -> int | None:
     """Peak resident set size of this process so far (Linux: bytes from ru_maxrss KiB; macOS: bytes)."""
     try:
-        import resource
+        import resource  # Unix only: absent on Windows
     except ImportError:  # pragma: no cover - Windows
         return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -62,7 +64,6 @@ def thread_count() -> int:
     try:
         return len(os.listdir("/proc/self/task"))
     except OSError:  # pragma: no cover - not Linux
-        import threading
 
         return threading.active_count()
 
@@ -115,11 +116,11 @@ def bench(runner, batch_sizes=(1, 8, 32), *, warmup: int = 10, iters: int | None
     bar = _bar(len(sizes) * (iters or 0), progress, f"bench {runner.name}") if progress else None
     for b in sizes:
         x = runner.check_batch(rng.standard_normal((b, *runner.artifact.input_shape)).astype(np.float32))
-        out = runner._run(x)  # one checked call: the right shape, finite
+        out = runner.forward(x)  # one checked call: the right shape, finite
         if np.asarray(out).shape != (b, runner.artifact.dim) or not np.isfinite(out).all():
             raise DeviceError(f"{runner.runtime} returned {np.asarray(out).shape} (or non-finite values) for a batch of {b}; "
                               "the artifact does not match its manifest")
-        times = time_calls(lambda: runner._run(x), warmup=warmup, iters=iters, budget_s=budget_s,
+        times = time_calls(lambda: runner.forward(x), warmup=warmup, iters=iters, budget_s=budget_s,
                            on_iter=(lambda: bar.update(1)) if bar is not None and iters else None)
         results.append({**_stats(times, b), "peak_rss_bytes": peak_rss_bytes(), "threads": thread_count()})
     if bar is not None:
@@ -157,7 +158,7 @@ def _bar(total: int, enabled: bool, desc: str):
     if not enabled or total <= 0:
         return _NoBar()
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # optional on a device: the runner core needs only numpy
     except ImportError:
         return _NoBar()
     interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
@@ -192,3 +193,19 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], name_a: str = "A", name_
     head = (f"{name_a}: {a['runtime']} ({a['label']}), {a['artifact']['path']}\n"
             f"{name_b}: {b['runtime']} ({b['label']}), {b['artifact']['path']}\n")
     return head + "\n".join(rows) + "\n"
+
+
+def latency_table(res: dict[str, Any]) -> str:
+    """A latency result (``hetero-latency/1``) as a markdown table, one row per batch size."""
+    def rss(r: dict[str, Any]) -> str:
+        return f"{r['peak_rss_bytes'] / 2**20:.0f} MiB" if r.get("peak_rss_bytes") else "-"
+
+    lines = [f"{res['artifact']['path']} ({res['artifact'].get('format')} {res['artifact'].get('precision')}) on "
+             f"{res['runtime']} [{res['label']}], settings {res['settings'] or 'default'}, {res['host']['cpu']}, "
+             f"{res['host']['usable_cores']} usable cores",
+             "| batch | iters | p50 ms | p90 ms | p99 ms | mean ms | std ms | img/s | peak RSS | threads |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        lines.append(f"| {r['batch']} | {r['iterations']} | {r['p50_ms']:.4f} | {r['p90_ms']:.4f} | {r['p99_ms']:.4f} | "
+                     f"{r['mean_ms']:.4f} | {r['std_ms']:.4f} | {r['throughput_img_s']:,.0f} | {rss(r)} | {r['threads']} |")
+    return "\n".join(lines)

@@ -134,7 +134,7 @@ class CoreMLRunner(Runner):
         self._image = _image_params(self.artifact)
         if self._image is not None:
             try:
-                from PIL import Image
+                from PIL import Image  # optional on a device: only for an image-input package
             except ImportError:
                 raise DeviceError("an image-input Core ML package needs Pillow (pip install pillow)") from None
             self._pil = Image

@@ -25,7 +25,7 @@ class OnnxRuntimeRunner(Runner):
         return module_missing("onnxruntime", extra="onnx")
 
     def open(self) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # the runtime, imported on use: the core runs where only one runtime is installed
 
         providers = list(self.settings.get("providers") or ["CPUExecutionProvider"])
         missing = [p for p in providers if p not in ort.get_available_providers()]

@@ -29,9 +29,9 @@ from typing import BinaryIO, Callable, Union
 import numpy as np
 
 from devices.bench import SCHEMA as LATENCY_SCHEMA
+from devices.schema import LATENCY_COMPARE_SCHEMA, RUNNER_ZIP_COMMENT
 
-COMPARE_SCHEMA = "hetero-latency-compare/1"
-RUNNER_ZIP_COMMENT = b"hetero-runner/1"
+COMPARE_SCHEMA = LATENCY_COMPARE_SCHEMA
 _RUNNER_MAIN_START = b'"""hetero\'s standalone runner'  # the packed __main__.py (standalone.PACKED_MAIN)
 _MAX_JSON_BYTES = 64 << 20  # a latency JSON is kilobytes: a larger file is not read to find out
 _UNIT_TOLERANCE = 0.02  # |norm - 1| of an embedding row from any precision (fp16, int8 dynamic)

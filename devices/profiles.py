@@ -6,7 +6,6 @@ phone's) says so: its results are labelled by the runner (emulated) or carry the
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,27 +61,12 @@ def runner_for(p: Profile) -> tuple[str | None, str | None]:
         cls = RUNNERS.get(rt)
         if cls is None:
             continue
-        why = cls.unavailable()
-        if why is None and p.settings.get("device", "cpu").startswith("cuda"):
-            why = _cuda_missing()
+        why = cls.unavailable_with(p.settings)
         if why is None:
             return rt, None
     cls = RUNNERS.get(p.runtime)
-    why = cls.unavailable() if cls is not None else f"the {p.runtime} runner is not part of this installation"
-    if why is None and p.settings.get("device", "cpu").startswith("cuda"):
-        why = _cuda_missing()
+    why = cls.unavailable_with(p.settings) if cls is not None else f"the {p.runtime} runner is not part of this installation"
     return None, why
-
-
-def _cuda_missing() -> str | None:
-    if "torch" not in sys.modules:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            return "torch is not installed"
-    import torch
-
-    return None if torch.cuda.is_available() else "no CUDA GPU here"
 
 
 def describe() -> list[dict[str, Any]]:

@@ -34,7 +34,9 @@ import numpy as np
 from devices.artifact import MANIFEST, Artifact, NoSuchArtifact, open_artifact, resolve_inside
 from devices.bench import check_result
 from devices.errors import DeviceError
+from devices.profiles import profile as get_profile
 from devices.runner import runner_class
+from devices.standalone import pack_runner
 
 REMOTE_PREFIX = "hetero-runner."
 TIMEOUT_S = 600.0  # the default bound on one ssh/scp step: a bench of a large model on a slow board fits
@@ -207,7 +209,6 @@ def artifact_files(art: Artifact) -> list[str]:
 def _stage(stage: Path, art: Artifact, extra: dict[str, Path] | None = None) -> list[Path]:
     """``runner.zip``, ``export/`` (manifest.json + the artifact's files) and ``extra`` in ``stage``;
     returns the top-level entries to upload."""
-    from devices.standalone import pack_runner
 
     src = Path(art.manifest["_dir"])
     exp = stage / "export"
@@ -315,8 +316,6 @@ def remote_bench(export_dir: str | Path, host: str, *, runtime: str | None = Non
     """
     choose_rt = runtime or "onnxruntime"
     if profile:
-        from devices.profiles import profile as get_profile
-
         p = get_profile(profile)
         fmt, precision = fmt or p.fmt, precision or p.precision
         choose_rt = runtime or p.runtime

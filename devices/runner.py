@@ -76,6 +76,11 @@ class Runner:
         """Why this runner cannot run on this host, or None if it can."""
         return None
 
+    @classmethod
+    def unavailable_with(cls, settings: dict[str, Any]) -> str | None:
+        """Why this runner cannot run here with ``settings`` (e.g. ``device=cuda`` without a GPU), or None."""
+        return cls.unavailable()
+
     def __enter__(self) -> "Runner":
         why = self.unavailable()
         if why:
@@ -120,6 +125,11 @@ class Runner:
             raise DeviceError("input batch contains NaN or Inf; check the preprocessing")
         return np.ascontiguousarray(batch)
 
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """The runtime's bare pass over one batch, unchecked and whatever its output shape: for timing
+        loops, on a batch checked once beforehand (:meth:`check_batch`). Use :meth:`embed` otherwise."""
+        return self._run(batch)
+
     def embed(self, batch: Any) -> np.ndarray:
         batch = self.check_batch(batch)
         if len(batch) == 0:
@@ -139,10 +149,18 @@ def runner_class(runtime: str):
 
 
 def create_runner(export_dir: str | Path, runtime: str = "onnxruntime", *, precision: str | None = None,
-                  fmt: str | None = None, **kwargs) -> Runner:
+                  fmt: str | None = None, entry: dict[str, Any] | None = None, **kwargs) -> Runner:
     """A runner for the artifact in ``export_dir`` that ``runtime`` executes: the first artifact of
-    one of its formats (or ``fmt``), of ``precision`` if given. Its sha256 is checked."""
+    one of its formats (or ``fmt``), of ``precision`` if given. Its sha256 is checked.
+
+    With ``entry`` (a manifest artifact entry), ``export_dir`` is instead one artifact file that no
+    manifest lists yet: an export checking what it has just written (see :func:`file_artifact`)."""
     cls = runner_class(runtime)
+    if entry is not None:
+        art = file_artifact(export_dir, entry)
+        if art.format not in cls.formats:
+            raise DeviceError(f"runtime {runtime} runs {', '.join(cls.formats)} artifacts, not {art.format}")
+        return cls(art, **kwargs)
     if hasattr(cls, "open_path"):  # runners of something other than an export dir (torch: a checkpoint)
         return cls(cls.open_path(export_dir), **kwargs)
     formats = (fmt,) if fmt else cls.formats
@@ -156,3 +174,24 @@ def create_runner(export_dir: str | Path, runtime: str = "onnxruntime", *, preci
             first = first or e
     assert first is not None
     raise first  # names the runtime's main format and what the export has
+
+
+def file_artifact(path: str | Path, entry: dict[str, Any]) -> Artifact:
+    """An artifact file described by ``entry`` alone, before any manifest lists it. Nothing is checked
+    against a manifest (no sha256: whoever calls this has just made the file); the entry gives the
+    ``format``, the ``input`` (name, shape ``[batch, C, H, W]``) and the ``output`` (name, shape
+    ``[batch, dim]``), plus whatever the runner reads (TensorRT: ``profile``)."""
+    path = Path(path)
+    if not path.exists():
+        raise DeviceError(f"{path} does not exist; nothing to run")
+    try:
+        dim = entry["output"]["shape"][-1]
+        shape = entry["input"]["shape"]
+        ok = isinstance(entry["format"], str) and isinstance(entry["output"]["name"], str) and \
+            isinstance(dim, int) and dim >= 1 and len(shape) >= 2 and all(isinstance(n, int) and n >= 1 for n in shape[1:])
+    except (KeyError, IndexError, TypeError):
+        ok = False
+    if not ok:
+        raise DeviceError(f"the entry given for {path.name} lacks a format, an input shape [batch, sizes...] or an "
+                          "output name and shape [batch, dim]; describe the file as a manifest entry does")
+    return Artifact(path, entry, {"dim": dim})

@@ -26,9 +26,12 @@ import numpy as np
 
 from devices import images
 from devices.artifact import preprocess_problem
+from devices.bench import bench
 from devices.errors import DeviceError
 from devices.images import IMAGE_EXTENSIONS, list_images
 from devices.outputs import RUNNER_ZIP_COMMENT, listing_is_ours, refusal, run_refusal, write_all
+from devices.profiles import profile as get_profile
+from devices.profiles import runner_for
 from devices.runner import RUNNERS, create_runner
 
 PROG = "python -m devices"
@@ -238,12 +241,9 @@ def bench_export(export_dir: str | Path, *, runtime: str | None = None, precisio
                  progress: bool = False, **settings: Any) -> dict[str, Any]:
     """The latency JSON of the export's artifact; a ``profile`` gives format, precision, runtime and
     settings, which explicit arguments override."""
-    from devices.bench import bench
 
     prof = None
     if profile:
-        from devices.profiles import profile as get_profile, runner_for
-
         prof = get_profile(profile)
         if runtime is None:
             runtime, why = runner_for(prof)

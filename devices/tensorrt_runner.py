@@ -21,7 +21,7 @@ from devices.runner import Runner, register_runner
 
 def _cuda_here() -> str | None:
     if importlib.util.find_spec("torch") is not None:
-        import torch
+        import torch  # only to ask for a GPU; torch is optional on a device
 
         return None if torch.cuda.is_available() else "no CUDA GPU here"
     if importlib.util.find_spec("cuda") is None:
@@ -37,13 +37,13 @@ class TensorRTRunner(Runner):
     @classmethod
     def unavailable(cls) -> str | None:
         try:
-            import tensorrt  # noqa: F401
+            importlib.import_module("tensorrt")  # heavy optional runtime: imported only to see that it loads
         except Exception as e:  # not installed, or PyPI's placeholder that fails on import
             return f"tensorrt is not installed here ({e.__class__.__name__}; pip install 'hetero[tensorrt]' on a GPU machine)"
         return _cuda_here()
 
     def open(self) -> None:
-        import tensorrt as trt
+        import tensorrt as trt  # the runtime, imported on use (GPU hosts only)
         import torch  # buffers and stream (cuda-python path: see module docstring; torch is the one written here)
 
         self._trt, self._torch = trt, torch
@@ -51,10 +51,18 @@ class TensorRTRunner(Runner):
         if engine is None:
             raise DeviceError(f"TensorRT {trt.__version__} cannot deserialise {self.artifact.path.name}: a plan is specific "
                               "to the GPU and TensorRT version that built it; rebuild it here with the manifest's build_command")
-        self._engine = engine
-        self._ctx = engine.create_execution_context()
         self._in = self.artifact.entry["input"]["name"]
         self._out = self.artifact.entry["output"]["name"]
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        if names != {self._in, self._out}:
+            raise DeviceError(f"the engine's I/O tensors are {sorted(names)}, its entry says {self._in!r} and "
+                              f"{self._out!r}; rebuild it from the exported ONNX with the manifest's build_command")
+        for n in (self._in, self._out):
+            if engine.get_tensor_dtype(n) != trt.float32:
+                raise DeviceError(f"the engine's {n!r} is {engine.get_tensor_dtype(n)}, not float32; rebuild it "
+                                  "from the exported ONNX with the manifest's build_command")
+        self._engine = engine
+        self._ctx = engine.create_execution_context()
         self._stream = torch.cuda.Stream()
         prof = self.artifact.entry.get("profile") or {}
         self._max = int(prof.get("max", [self.batch_size])[0]) if prof else self.batch_size

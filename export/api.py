@@ -7,6 +7,7 @@ format builds what it is made from first.
 from __future__ import annotations
 
 import importlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,6 @@ def _legacy_export(d: Path) -> str | None:
 
 
 def _is_hetero_export(d: Path) -> bool:
-    import json
-
     try:
         return json.loads((d / FILENAME).read_text(encoding="utf-8")).get("format") == MANIFEST_FORMAT
     except (OSError, ValueError, AttributeError, RecursionError):

@@ -9,6 +9,7 @@ the FP32 ONNX, a TensorRT plan from an ONNX, a Core ML package from the torch mo
 from __future__ import annotations
 
 import importlib.util
+import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from devices import create_runner
 from devices.artifact import path_bytes, sha256_path
+from hetero.compare import fidelity, topk_overlap
 from hetero.errors import HeteroError
+from hetero.knn import knn_search
 from hetero.registry import Registry
+from hetero.version import __version__
 
 # the tensor names of every artifact hetero exports (ONNX, Core ML, TensorRT alike): the runners and the
 # manifest name them
@@ -124,32 +129,31 @@ def exporter(name: str) -> Exporter:
 def topk_ids(queries: np.ndarray, gallery: np.ndarray, k: int = TOPK, *, exclude_diagonal: bool = False) -> np.ndarray:
     """Exact inner-product top-k gallery ids of each query row, best first (hetero's faiss search).
     ``exclude_diagonal``: query i never retrieves gallery row i (the gallery is the queries' own set)."""
-    from hetero.metrics import search
 
     k = min(k, len(gallery) - int(exclude_diagonal))
-    return search(queries, gallery, k, exclude_self=exclude_diagonal)[1]
-
-
-def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Row-wise cosine between two embedding sets (min and mean) and the max absolute difference."""
-    a = reference.astype(np.float64)
-    b = candidate.astype(np.float64)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "max_abs_diff": float(np.abs(a - b).max())}
+    return knn_search(queries, gallery, k, exclude_self=exclude_diagonal)[1]
 
 
 def retrieval_agreement(job: ExportJob, candidate: np.ndarray, k: int = TOPK) -> float:
     """Mean fraction of the torch model's top-k results that the candidate's queries also retrieve,
     searching the job's gallery (or, without one, the torch embeddings of the other check inputs)."""
-    own = job.gallery is None
-    got = topk_ids(candidate, job.search_gallery(), k, exclude_diagonal=own)
-    ref = job.reference_topk()
-    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ref, got)]
-    return float(np.mean(hits) / ref.shape[1])
+    got = topk_ids(candidate, job.search_gallery(), k, exclude_diagonal=job.gallery is None)
+    return topk_overlap(job.reference_topk(), got)
+
+
+def runner_embeddings(job: ExportJob, path: Path, runtime: str, entry: dict[str, Any],
+                      **settings: Any) -> tuple[np.ndarray, str]:
+    """``job.check_inputs`` embedded by the artifact just written at ``path``, through the devices
+    runner ``runtime`` (the one verify and the device harness use), and that runner's description.
+    ``entry``: the artifact's format and what the runner reads besides the input and output spec."""
+    inp, out = io_spec(job)
+    with create_runner(path, runtime, entry={"input": inp, "output": out, **entry}, **settings) as r:
+        return r.embed(job.check_inputs), r.runtime
 
 
 def measured_fidelity(job: ExportJob, got: np.ndarray, runtime: str, label: str = "measured") -> dict[str, Any]:
-    """Fidelity of ``got`` (the artifact's embeddings of ``job.check_inputs``) against torch."""
+    """Fidelity of ``got`` (the artifact's embeddings of ``job.check_inputs``) against torch, by the
+    one comparator (:mod:`hetero.compare`)."""
     return {"reference": "torch fp32", "runtime": runtime, "inputs": job.check_desc,
             "num_inputs": int(len(job.check_inputs)), "label": label, **fidelity(job.reference, got),
             "top10_agreement": retrieval_agreement(job, got),
@@ -167,6 +171,22 @@ def io_spec(job: ExportJob, *, batch: Any = "batch", dtype: str = "float32") -> 
     c, h, w = job.ckpt.input_shape
     return ({"name": INPUT_NAME, "shape": [batch, c, h, w], "dtype": dtype, "layout": "NCHW, preprocessed"},
             {"name": OUTPUT_NAME, "shape": [batch, job.ckpt.spec.dim], "dtype": dtype, "normalized": True})
+
+
+def artifact_metadata(job: ExportJob, precision: str) -> dict[str, str]:
+    """The key/value metadata every artifact file carries about itself (ONNX ``metadata_props``, Core
+    ML ``user_defined_metadata``): what it embeds, how to preprocess, and which space it lives in. A
+    reader may show these; hetero itself never trusts them over what it can recompute."""
+    ckpt = job.ckpt
+    return {
+        "hetero.version": __version__,
+        "hetero.role": str(ckpt.role),
+        "hetero.precision": precision,
+        "hetero.embedding_dim": str(ckpt.spec.dim),
+        "hetero.preprocessing": json.dumps(ckpt.preprocess.to_dict(), sort_keys=True),
+        "hetero.space_fingerprint": ckpt.space,
+        "hetero.checkpoint_fingerprint": ckpt.fingerprint,
+    }
 
 
 def artifact_entry(job: ExportJob, path: Path, *, fmt: str, precision: str, made_from: str, runtime: str,

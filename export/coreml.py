@@ -18,18 +18,14 @@ flexible range keeps the model off the Neural Engine, enumerated shapes do not. 
 inside the model. Tracing is ``torch.jit.trace``: ``torch.export`` programs are specialised to the
 example's batch and coremltools 9 rejects enumerated batch sizes for them.
 
-``MLModel.predict`` needs macOS, so fidelity is measured with hetero's Core ML reference interpreter
-(:mod:`devices.coreml_interp`, numpy: the saved package's program run op by op, FP16 programs in
-emulated FP16) and labelled ``emulated``, never ``measured``. An image-input package is fed the check
-inputs mapped back to pixel values (``(x - bias) / scale``, unrounded). A package whose program
-has an op the interpreter lacks keeps ``pending`` fidelity, with the reason.
+``MLModel.predict`` needs macOS, so fidelity is emulated by hetero's Core ML reference interpreter
+and labelled ``emulated``, never ``measured`` (see :mod:`export.coreml_package`, which also writes
+the metadata, checks the saved spec and makes the manifest entry).
 """
 from __future__ import annotations
 
 import contextlib
-import io
-import json
-import logging
+import importlib.util
 import numbers
 import re
 import warnings
@@ -39,17 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.base import (ExportJob, FormatBreaksModel, FormatCannotExpress, artifact_entry, check_not_broken, io_spec,
-                         measured_fidelity, pending_fidelity, register_exporter)
-from export.base import INPUT_NAME, OUTPUT_NAME
+from export.base import INPUT_NAME, OUTPUT_NAME, ExportJob, FormatCannotExpress, register_exporter
+from export.coreml_package import (DEFAULT_LICENSE, DEPLOYMENT_TARGET, MIN_SPEC_VERSION, OUTPUT_DESC, PENDING,
+                                   WEIGHT_FILE, emulated_fidelity, import_coremltools, package_entry, program_ops,
+                                   quiet_coremltools, read_spec, weight_summary, write_metadata)
 from hetero.errors import HeteroError, require
 
-DEPLOYMENT_TARGET = "iOS16"
-MIN_SPEC_VERSION = 7  # the Core ML specification version of iOS 16 / macOS 13
-WEIGHT_FILE = Path("Data") / "com.apple.CoreML" / "weights" / "weight.bin"
-PENDING = "Core ML runs only on macOS and hetero's Core ML interpreter cannot run this package"
-OUTPUT_DESC = "L2-normalised embedding"
-DEFAULT_LICENSE = "Apache-2.0"
+# public names, those of export.coreml_package included: importable from export.coreml as before the split
+__all__ = ["COMPRESSIONS", "DEFAULT_LICENSE", "DEPLOYMENT_TARGET", "FP32_TAIL_FROM", "MIN_SPEC_VERSION", "OUTPUT_DESC",
+           "PENDING", "WEIGHT_FILE", "compress_coreml", "coreml_from_torch", "emulated_fidelity", "program_ops",
+           "weight_summary"]
+
 FP32_TAIL_FROM = "reduce_l2_norm"  # in coreml-fp16 this op and everything after it stay FP32
 
 
@@ -57,48 +53,8 @@ def _first_line(e: BaseException) -> str:
     return ((str(e).strip().splitlines() or [e.__class__.__name__])[0])[:300]
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):
-            self.messages.append(record.getMessage())
-
-
-@contextlib.contextmanager
-def _quiet():
-    """No warnings, progress bars or log lines from coremltools (which logs to the "coremltools"
-    logger); its messages are kept, to name the op that failed to convert."""
-    log = logging.getLogger("coremltools")
-    keep = log.handlers[:], log.propagate, log.level
-    rec = _Records()
-    log.handlers[:] = [rec]
-    log.propagate = False
-    log.setLevel(logging.WARNING)
-    out = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            warnings.simplefilter("ignore")
-            yield rec
-    finally:
-        log.handlers[:] = keep[0]
-        log.propagate = keep[1]
-        log.setLevel(keep[2])
-
-
-def _ct():
-    """coremltools, imported quietly (it logs about untested torch/sklearn versions and the
-    macOS-only runtime on import)."""
-    with _quiet():
-        return require("coremltools", "coreml")
-
-
 def _check() -> str | None:
     """Saving an ML Program needs coremltools' native weight-storage library (absent from some wheels)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("coremltools")
     dirs = list(spec.submodule_search_locations or []) if spec else []
     if any(next(Path(d).glob("libmilstoragepython*"), None) for d in dirs):
@@ -203,7 +159,7 @@ def _unsupported(e: BaseException, messages: list[str], traced, fmt: str) -> For
 def coreml_from_torch(job: ExportJob, path: Path, *, fp16: bool, fmt: str) -> dict[str, Any]:
     """Trace ``job.ckpt.model`` and convert it to an ML Program saved at ``path``; returns what the
     manifest entry records about the input."""
-    ct = _ct()
+    ct = import_coremltools()
     ckpt = job.ckpt
     c, h, w = ckpt.input_shape
     sizes = _batch_sizes(job)
@@ -212,7 +168,7 @@ def coreml_from_torch(job: ExportJob, path: Path, *, fp16: bool, fmt: str) -> di
         sizes = (1,)
     model = ckpt.model.eval()
     try:
-        with _quiet(), warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        with quiet_coremltools(), warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always", torch.jit.TracerWarning)
             # batch 2, not 1: a batch-1 trace may bake the batch into reshapes and squeezes. No
             # check_trace: it re-runs the model only to warn; tracer warnings are recorded instead
@@ -222,7 +178,7 @@ def coreml_from_torch(job: ExportJob, path: Path, *, fp16: bool, fmt: str) -> di
     # e.g. data-dependent Python control flow, frozen into the trace: kept in the manifest entry
     trace_warnings = sorted({_first_line(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
     precision = (ct.transform.FP16ComputePrecision(op_selector=_fp32_tail_selector()) if fp16 else ct.precision.FLOAT32)
-    with _quiet() as rec:
+    with quiet_coremltools() as rec:
         try:
             ml = ct.convert(traced, inputs=[_input_type(ct, job, sizes, image)],
                             outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
@@ -236,204 +192,13 @@ def coreml_from_torch(job: ExportJob, path: Path, *, fp16: bool, fmt: str) -> di
             at = f" at op '{kind}' (node {where or kind})" if kind else ""
             raise HeteroError(f"{fmt}: coremltools could not convert the model{at}: {_first_line(e).rstrip('.')}; "
                               "export another format, or report the model") from None
-        _describe(ml, job, sizes, image)
+        write_metadata(ml, job, sizes, image)
         try:
             ml.save(str(path))
         except Exception as e:
             raise HeteroError(f"{fmt}: coremltools could not save {path.name}: {_first_line(e)}") from None
     return {"input_kind": "image" if image else "tensor", "batch_sizes": list(sizes), "image": image,
             "trace_warnings": trace_warnings}
-
-
-def _version() -> str:
-    import hetero
-
-    v = getattr(hetero, "__version__", None)
-    if not v:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            v = version("hetero")
-        except PackageNotFoundError:
-            v = "unknown"
-    return str(v)
-
-
-def _describe(ml, job: ExportJob, sizes: tuple[int, ...], image: dict[str, Any] | None) -> None:
-    """Model metadata: who made it, what it is, which cloud space its embeddings live in."""
-    ckpt = job.ckpt
-    c, h, w = ckpt.input_shape
-    lic = (getattr(ckpt, "info", None) or {}).get("license") or (getattr(ckpt, "config", None) or {}).get("license")
-    ml.author = "hetero"
-    ml.version = _version()
-    ml.license = str(lic or DEFAULT_LICENSE)
-    ml.short_description = (f"hetero {ckpt.role} embedding model ({ckpt.spec.dim}-d), compatible with cloud space "
-                            f"{ckpt.space[:12]}")
-    if image:
-        layout = f"image {image['color_layout']} {w}x{h}, 8-bit pixels, preprocessing inside the model, batch 1"
-    else:
-        layout = f"NCHW float32 [batch, {c}, {h}, {w}], preprocessed (see preprocessing)"
-    meta = {
-        "hetero.embedding_dim": str(ckpt.spec.dim),
-        "hetero.preprocessing": json.dumps(ckpt.preprocess.to_dict(), sort_keys=True),
-        "hetero.space_fingerprint": ckpt.space,
-        "hetero.checkpoint_fingerprint": ckpt.fingerprint,
-        "hetero.input_layout": layout,
-        "hetero.batch_sizes": json.dumps(list(sizes)),
-        "hetero.output": OUTPUT_DESC,
-    }
-    for k, v in meta.items():
-        ml.user_defined_metadata[k] = v
-    ml.input_description[INPUT_NAME] = layout
-    ml.output_description[OUTPUT_NAME] = f"{OUTPUT_DESC}, float32 [batch, {ckpt.spec.dim}]"
-
-
-def _spec(path: Path):
-    ct = _ct()
-    with _quiet():
-        return ct.models.MLModel(str(path), skip_model_load=True).get_spec()
-
-
-def _walk(spec):
-    """Every MIL operation of the saved program, nested blocks included."""
-    def block_ops(block):
-        for op in block.operations:
-            yield op
-            for b in op.blocks:
-                yield from block_ops(b)
-
-    for fn in spec.mlProgram.functions.values():
-        for block in fn.block_specializations.values():
-            yield from block_ops(block)
-
-
-def program_ops(spec) -> list[str]:
-    return sorted({op.type for op in _walk(spec)})
-
-
-def _numel(t) -> int:
-    n = 1
-    for d in t.dimensions:
-        n *= int(d.constant.size) if d.WhichOneof("dimension") == "constant" else 1
-    return n
-
-
-def weight_summary(spec) -> dict[str, Any]:
-    """Float tensors stored in the program: compressed (``constexpr_*`` ops) and left as plain
-    ``const``, with their element counts and storage types."""
-    _ct()
-    from coremltools.proto import MIL_pb2
-
-    name = MIL_pb2.DataType.Name
-    out: dict[str, Any] = {"compressed": {"tensors": 0, "params": 0, "ops": []},
-                           "uncompressed": {"tensors": 0, "params": 0, "dtypes": {}}}
-    for op in _walk(spec):
-        if not op.outputs:
-            continue
-        t = op.outputs[0].type.tensorType
-        if op.type.startswith("constexpr_"):
-            out["compressed"]["tensors"] += 1
-            out["compressed"]["params"] += _numel(t)
-            if op.type not in out["compressed"]["ops"]:
-                out["compressed"]["ops"].append(op.type)
-        elif op.type == "const" and t.rank >= 1 and name(t.dataType) in ("FLOAT32", "FLOAT16"):
-            out["uncompressed"]["tensors"] += 1
-            out["uncompressed"]["params"] += _numel(t)
-            d = name(t.dataType).lower()
-            out["uncompressed"]["dtypes"][d] = out["uncompressed"]["dtypes"].get(d, 0) + 1
-    return out
-
-
-def _verify(path: Path, job: ExportJob, fmt: str, sizes: list[int], kind: str):
-    """Reload the saved spec: input name and shapes, output name, spec version, metadata."""
-    spec = _spec(path)
-    from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType
-
-    FLOAT32 = ArrayFeatureType.FLOAT32
-    c, h, w = job.ckpt.input_shape
-    d = spec.description
-    why = None
-    if spec.specificationVersion < MIN_SPEC_VERSION:
-        why = f"specification version {spec.specificationVersion} < {MIN_SPEC_VERSION} ({DEPLOYMENT_TARGET})"
-    elif spec.WhichOneof("Type") != "mlProgram":
-        why = f"it is a {spec.WhichOneof('Type')}, not an ML Program"
-    elif [i.name for i in d.input] != [INPUT_NAME] or [o.name for o in d.output] != [OUTPUT_NAME]:
-        why = f"its inputs/outputs are {[i.name for i in d.input]}/{[o.name for o in d.output]}"
-    elif d.output[0].type.multiArrayType.dataType != FLOAT32 or (
-            kind == "tensor" and d.input[0].type.multiArrayType.dataType != FLOAT32):
-        why = "its input or output is not float32"
-    elif kind == "image":
-        it = d.input[0].type.imageType
-        if d.input[0].type.WhichOneof("Type") != "imageType" or (it.width, it.height) != (w, h):
-            why = "its input is not the expected image"
-    else:
-        arr = d.input[0].type.multiArrayType
-        got = [list(s.shape) for s in arr.enumeratedShapes.shapes] or [list(arr.shape)]
-        if d.input[0].type.WhichOneof("Type") != "multiArrayType" or got != [[b, c, h, w] for b in sizes]:
-            why = f"its input shapes are {got}, expected batch sizes {sizes}"
-    meta = d.metadata
-    if why is None and (meta.author != "hetero" or not meta.versionString or not meta.shortDescription
-                        or meta.userDefined.get("hetero.space_fingerprint") != job.ckpt.space):
-        why = "its metadata is missing"
-    if why:
-        raise HeteroError(f"the saved {fmt} package {path.name} fails its check: {why}; report the model")
-    return spec
-
-
-def _weight_bytes(path: Path) -> int | None:
-    f = path / WEIGHT_FILE
-    return f.stat().st_size if f.is_file() else None
-
-
-def emulated_fidelity(job: ExportJob, path: Path, kind: str, image: dict[str, Any] | None) -> dict[str, Any]:
-    """Fidelity of the saved package vs torch on ``job.check_inputs``, run by hetero's Core ML
-    interpreter (label ``emulated``); ``pending`` with the reason if the interpreter cannot run it.
-    An artifact that breaks the model (NaN/Inf outputs, mean cosine < 0.9) raises FormatBreaksModel."""
-    from devices.coreml_interp import Interpreter, pixels_from_preprocessed
-    from devices.errors import DeviceError
-
-    fmt = job.current_format or "coreml"
-    x = job.check_inputs
-    try:
-        interp = Interpreter.from_package(path)
-        if kind == "image":
-            x = pixels_from_preprocessed(x, image["scale"], image["bias"])
-        got = interp.run_batched(x)
-        runtime = f"hetero Core ML interpreter (numpy, emulated) on coremltools {_ct().__version__}"
-    except DeviceError as e:
-        return pending_fidelity(f"{PENDING}: {e}")
-    bad = int((~np.isfinite(got)).any(axis=1).sum())
-    if bad:
-        raise FormatBreaksModel(f"{fmt} breaks this model: {bad} of {len(got)} check inputs give NaN or Inf embeddings "
-                                "in the Core ML interpreter (emulated; in FP16 an activation above 65504 overflows); "
-                                "do not ship it, use another format")
-    fid = measured_fidelity(job, got, runtime=runtime, label="emulated")
-    if kind == "image":
-        fid["input_note"] = "check inputs mapped back to pixel values (x - bias) / scale, not rounded to 8 bits"
-    check_not_broken(fmt, fid)
-    return fid
-
-
-def _entry(job: ExportJob, path: Path, *, fmt: str, precision: str, made_from: str, compute_precision: str,
-           sizes: list[int], kind: str, image: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
-    ct = _ct()
-    spec = _verify(path, job, fmt, sizes, kind)
-    e = artifact_entry(job, path, fmt="coreml", precision=precision, made_from=made_from, runtime="coreml",
-                       libraries={"coremltools": ct.__version__, "torch": torch.__version__},
-                       fidelity=emulated_fidelity(job, path, kind, image), weight_bytes=_weight_bytes(path),
-                       deployment_target=DEPLOYMENT_TARGET, batch_sizes=sizes,
-                       spec_version=int(spec.specificationVersion), ops=program_ops(spec),
-                       compute_precision=compute_precision, input_kind=kind, **extra)
-    if kind == "image":
-        c, h, w = job.ckpt.input_shape
-        e["input"] = {"name": INPUT_NAME, "shape": [1, c, h, w], "dtype": "uint8 image",
-                      "layout": f"image ({'Grayscale' if c == 1 else 'RGB'}), preprocessing inside the model",
-                      "scale": image["scale"], "bias": image["bias"]}
-        e["output"] = io_spec(job, batch=1)[1]
-    else:
-        batch = f"batch in {tuple(sizes)}" if len(sizes) > 1 else sizes[0]
-        e["input"], e["output"] = io_spec(job, batch=batch)
-    return e
 
 
 def _from_torch(job: ExportJob, fmt: str, fp16: bool) -> dict[str, Any]:
@@ -443,9 +208,10 @@ def _from_torch(job: ExportJob, fmt: str, fp16: bool) -> dict[str, Any]:
     extra: dict[str, Any] = {"fp32_ops": f"{FP32_TAIL_FROM} and every op after it (the L2 normalisation)"} if fp16 else {}
     if info["trace_warnings"]:
         extra["trace_warnings"] = info["trace_warnings"]
-    return _entry(job, path, fmt=fmt, precision="fp16" if fp16 else "fp32", made_from="torch (torch.jit.trace)",
-                  compute_precision="fp16" if fp16 else "fp32", sizes=info["batch_sizes"], kind=info["input_kind"],
-                  image=info["image"], converter="coremltools.convert (mlprogram)", **extra)
+    return package_entry(job, path, fmt=fmt, precision="fp16" if fp16 else "fp32",
+                         made_from="torch (torch.jit.trace)", compute_precision="fp16" if fp16 else "fp32",
+                         sizes=info["batch_sizes"], kind=info["input_kind"], image=info["image"],
+                         converter="coremltools.convert (mlprogram)", **extra)
 
 
 @register_exporter("coreml", "Core ML ML Program (.mlpackage) FP32, iOS 16+, enumerated batch sizes", None,
@@ -474,7 +240,7 @@ COMPRESSIONS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 
 def compress_coreml(src: Path, dst: Path, fmt: str, weight_threshold: int | None = None) -> dict[str, Any]:
     """Compress the weights of the package ``src`` into ``dst`` with ``coremltools.optimize.coreml``."""
-    ct = _ct()
+    ct = import_coremltools()
     cto = require("coremltools.optimize.coreml", "coreml")
     _, _, fn, cfg = COMPRESSIONS[fmt]
     kw = {k: v for k, v in cfg.items() if k != "config"}
@@ -482,7 +248,7 @@ def compress_coreml(src: Path, dst: Path, fmt: str, weight_threshold: int | None
         if isinstance(weight_threshold, bool) or not isinstance(weight_threshold, int) or weight_threshold < 0:
             raise HeteroError(f"option coreml.weight_threshold must be a non-negative integer, got {weight_threshold!r}")
         kw["weight_threshold"] = weight_threshold
-    with _quiet():
+    with quiet_coremltools():
         try:
             op_config = getattr(cto, cfg["config"])(**kw)
             model = ct.models.MLModel(str(src), skip_model_load=True)
@@ -503,20 +269,20 @@ def _compressed(job: ExportJob, source: Path | None, fmt: str) -> dict[str, Any]
     suffix, precision, _, _ = COMPRESSIONS[fmt]
     path = job.out_dir / f"{job.name}.{suffix}.mlpackage"
     compression = compress_coreml(source, path, fmt, job.options.get("coreml.weight_threshold"))
-    spec = _spec(source)
+    spec = read_spec(source)
     d = spec.description.input[0].type
     kind = "image" if d.WhichOneof("Type") == "imageType" else "tensor"
     sizes = [1]
     if kind == "tensor":
         arr = d.multiArrayType
         sizes = [int(s.shape[0]) for s in arr.enumeratedShapes.shapes] or [int(arr.shape[0])]
-    summary = weight_summary(_spec(path))
+    summary = weight_summary(read_spec(path))
     compression.update(compressed=summary["compressed"], uncompressed=summary["uncompressed"])
     if summary["compressed"]["tensors"] == 0:
         compression["note"] = "no weight tensor reached the weight_threshold: nothing was compressed"
     image = _image_spec(job) if kind == "image" else None
-    return _entry(job, path, fmt=fmt, precision=precision, made_from=source.name, compute_precision="fp32",
-                  sizes=sizes, kind=kind, image=image, compression=compression)
+    return package_entry(job, path, fmt=fmt, precision=precision, made_from=source.name, compute_precision="fp32",
+                         sizes=sizes, kind=kind, image=image, compression=compression)
 
 
 @register_exporter("coreml-int8w", "Core ML FP32 package with 8-bit linear (symmetric, per-channel) weights", "coreml",

@@ -7,11 +7,10 @@ import platform
 from typing import Any
 
 from devices.artifact import preprocess_problem
+from devices.schema import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION
 from hetero.errors import HeteroError
 
-FORMAT = "hetero-manifest"
-VERSION = 1
-FILENAME = "manifest.json"
+FORMAT, VERSION, FILENAME = MANIFEST_FORMAT, MANIFEST_VERSION, MANIFEST_FILE
 
 
 def check_exportable(ckpt) -> None:

@@ -13,8 +13,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.base import (INPUT_NAME, OUTPUT_NAME, ExportJob, artifact_entry, check_not_broken, measured_fidelity,
-                         register_exporter)
+from export.base import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ExportJob,
+    artifact_entry,
+    artifact_metadata,
+    check_not_broken,
+    measured_fidelity,
+    register_exporter,
+    runner_embeddings,
+)
 from hetero.errors import HeteroError, require
 
 OPSET = 18
@@ -47,7 +56,7 @@ def onnx_from_torch(model: torch.nn.Module, input_shape: tuple[int, int, int], p
             )
     except Exception as e:  # the exporter raises many types; surface one line
         raise HeteroError(f"ONNX export failed: {_first_line(e)}; the model uses an op the exporter cannot handle") from None
-    import onnx
+    import onnx  # optional (hetero[onnx]), imported on use
 
     proto = onnx.load(str(path))
     if simplify:
@@ -80,7 +89,7 @@ def simplify_onnx(proto):
 
 def check_onnx(proto):
     """``onnx.checker`` (full check) and strict shape inference; the batch axis must stay dynamic."""
-    import onnx
+    import onnx  # optional (hetero[onnx]), imported on use
 
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
@@ -94,33 +103,39 @@ def check_onnx(proto):
     return proto
 
 
-def ort_embed(path: Path, inputs: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, str]:
-    """Embed ``inputs`` with onnxruntime's CPU provider (fidelity checks at export time)."""
-    ort = require("onnxruntime", "onnx")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    out = [sess.run([OUTPUT_NAME], {INPUT_NAME: inputs[i:i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
-    return np.concatenate(out), f"onnxruntime {ort.__version__} CPUExecutionProvider"
-
-
 def weight_bytes(path: str | Path) -> int:
     """Bytes of the graph's initializers (the weights), the fair size measure for small models whose
     files are dominated by graph overhead."""
     onnx = require("onnx", "onnx")
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # optional (hetero[onnx]), imported on use
 
     model = onnx.load(str(path))
     return int(sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
 
 
+def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Set the ONNX file's ``metadata_props`` (replacing hetero's earlier keys), rewriting it in place."""
+    import onnx  # optional (hetero[onnx]), imported on use
+
+    proto = onnx.load(str(path))
+    keep = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+
+
 def onnx_entry(job: ExportJob, path: Path, precision: str, made_from: str, *, fmt: str = "onnx",
                **extra: Any) -> dict[str, Any]:
-    """Manifest entry of an ONNX-family file, with its fidelity measured through onnxruntime."""
-    import onnx
-    import onnxruntime
+    """Manifest entry of an ONNX-family file, with its fidelity measured through the devices onnxruntime
+    runner (CPU provider). An ONNX file first gets hetero's metadata (:func:`export.base.artifact_metadata`)."""
+    import onnx  # optional (hetero[onnx]): for the versions the entry records
+    import onnxruntime  # optional (hetero[onnx]), likewise
 
-    got, runtime = ort_embed(path, job.check_inputs)
+    if fmt == "onnx":
+        write_onnx_metadata(path, artifact_metadata(job, precision))
+    got, runtime = runner_embeddings(job, path, "onnxruntime", {"format": fmt, "precision": precision}, batch_size=1024)
     if not np.isfinite(got).all():
         raise HeteroError(f"the {precision} {fmt} model gives NaN/Inf embeddings on the check inputs; "
                           "do not ship it, and report the model")
@@ -137,7 +152,7 @@ def onnx_entry(job: ExportJob, path: Path, precision: str, made_from: str, *, fm
 @register_exporter("onnx", "ONNX FP32, one file, dynamic batch, simplified (onnxslim) and checked", None,
                    ("onnx", "onnxscript", "onnxruntime", "onnxslim"), "onnx")
 def _export_onnx(job: ExportJob, source: Path | None) -> dict[str, Any]:
-    import onnxslim
+    import onnxslim  # optional (hetero[onnx]), imported on use
 
     path = onnx_from_torch(job.ckpt.model, job.ckpt.input_shape, job.out_dir / f"{job.name}.onnx")
     return onnx_entry(job, path, "fp32", "torch (dynamo exporter)", converter=f"onnxslim {onnxslim.__version__}",

@@ -8,14 +8,12 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
 
-from export.base import ExportJob, register_exporter
-from export.base import INPUT_NAME
-from export.onnx import onnx_entry, weight_bytes  # noqa: F401  (weight_bytes: re-exported)
+from export.base import INPUT_NAME, ExportJob, register_exporter
+from export.onnx import onnx_entry
 from hetero.errors import HeteroError, require
 
 # Kept in FP32 in the FP16 model: the L2 normalisation and the reductions around it. In FP16 the
@@ -36,7 +34,7 @@ def onnx_fp16_from_onnx(src: str | Path, dst: str | Path) -> Path:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # "values truncated to fp16" for tiny weights: measured in fidelity instead
             half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_BLOCK_LIST))
-            from onnxruntime.transformers.onnx_model import OnnxModel
+            from onnxruntime.transformers.onnx_model import OnnxModel  # optional (hetero[onnx]), imported on use
 
             _drop_duplicate_nodes(half)
             OnnxModel(half).topological_sort()  # the converter appends its input casts at the end
@@ -100,7 +98,7 @@ def onnx_int8_from_onnx(src: str | Path, dst: str | Path, calib_inputs: np.ndarr
     transformer-like models; on a CNN it keeps the convolutions in FP32."""
     onnx = require("onnx", "onnx")
     quant = require("onnxruntime.quantization", "onnx")
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # optional (hetero[onnx]), imported on use
 
     dst = Path(dst)
     if not dynamic and (calib_inputs is None or len(calib_inputs) == 0):

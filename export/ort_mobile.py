@@ -25,7 +25,8 @@ OPTIMIZATIONS = ("fixed", "runtime")
 def ort_from_onnx(src: str | Path, out_dir: str | Path, name: str, *, optimization: str = "fixed") -> tuple[Path, Path]:
     """Write ``<name>.ort`` and ``<name>.required_operators.config`` into ``out_dir``."""
     require("onnxruntime", "onnx")
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    from onnxruntime.tools.convert_onnx_models_to_ort import (  # optional (hetero[onnx]), imported on use
+        OptimizationStyle, convert_onnx_models_to_ort)
 
     if optimization not in OPTIMIZATIONS:
         raise HeteroError(f"unknown ORT optimisation style {optimization!r}; choose one of: {', '.join(OPTIMIZATIONS)}")

@@ -1,6 +1,6 @@
 """``python -m hetero ...``: the same CLI as the ``hetero`` console script."""
 import sys
 
-from hetero.cli import main
+from hetero.app.cli import main
 
 sys.exit(main())

@@ -19,11 +19,10 @@ from typing import Any, Callable, Iterator
 from devices import outputs as _files
 from devices.artifact import sha256_path
 from devices.outputs import Data
+from devices.schema import OUTPUT_MARKER, OUTPUT_MARKER_FORMAT, REPORT_FILE
 from hetero.errors import HeteroError
 
-
-MARKER = ".hetero-output.json"  # in every output directory hetero writes: what kind of output it is
-MARKER_FORMAT = "hetero-output"
+MARKER, MARKER_FORMAT = OUTPUT_MARKER, OUTPUT_MARKER_FORMAT  # in every output directory: what kind of output it is
 _BUILDING: set[Path] = set()  # temp dirs of atomic_dir()s in progress: fsynced as a whole tree at their end
 KINDS = ("cloud checkpoint", "edge checkpoint", "control checkpoint", "export", "verify report", "evaluate report",
          "demo run", "search", "supernet")
@@ -45,7 +44,7 @@ def legacy_report(kind: str, title_prefix: str) -> Callable[[Path], str | None]:
     """A detector of reports written before output markers: a report.json whose title starts so."""
     def detect(d: Path) -> str | None:
         try:
-            doc = json.loads((d / "report.json").read_text(encoding="utf-8"))
+            doc = json.loads((d / REPORT_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
             return None
         return kind if isinstance(doc, dict) and str(doc.get("title", "")).startswith(title_prefix) else None
@@ -172,6 +171,20 @@ def fsync_tree(root: Path) -> None:
                 os.close(fd)
     for d in reversed(dirs):
         _files.fsync_dir(d)
+
+
+def publish_dir(tmp: Path, dest: Path) -> bool:
+    """Give the finished temp directory ``tmp`` the new name ``dest``, durably (its files first, then the
+    rename, then the parent). Never replaces: returns False, leaving ``tmp``, if ``dest`` exists."""
+    fsync_tree(tmp)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if dest.exists():
+            return False
+        raise
+    _files.fsync_dir(dest.parent)
+    return True
 
 
 def write_json_atomic(path: str | Path, obj: Any, durable: bool = True) -> None:

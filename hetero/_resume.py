@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import pickle
 import random
 import shutil
@@ -26,8 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from devices.outputs import fsync_dir
-from hetero._atomic import write_atomic
+from hetero._atomic import publish_dir, write_atomic
 from hetero.data.loader import is_synthetic
 from hetero.errors import HeteroError
 
@@ -78,13 +76,14 @@ def write_state(directory: Path, state: dict[str, Any]) -> None:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
-            write_atomic(tmp / STATE, lambda f: torch.save(state, f))
-            write_atomic(tmp / INFO, info)
-            os.replace(tmp, directory)
+            write_atomic(tmp / STATE, lambda f: torch.save(state, f), durable=False)
+            write_atomic(tmp / INFO, info, durable=False)
+            if not publish_dir(tmp, directory):
+                raise HeteroError(f"{directory} appeared while the first training state was written; is another run "
+                                  "using the same --state-dir?")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        fsync_dir(directory.parent)
         return
     write_atomic(directory / STATE, lambda f: torch.save(state, f))  # each: temp file, fsync, rename, fsync dir
     write_atomic(directory / INFO, info)
@@ -257,17 +256,20 @@ def plain(x):
     return x
 
 
-def cli_snapshots(args, command: str, state: dict[str, Any] | None, run: dict[str, Any], *, main: bool = True) -> Snapshots:
-    """The Snapshots of a `hetero train-*` command from ``--save-every``/``--state-dir``/``--resume``.
+def snapshots_for(command: str, state: dict[str, Any] | None, run: dict[str, Any], *, out: str | Path,
+                  resume: str | Path | None = None, state_dir: str | Path | None = None, save_every: int | None = None,
+                  overwrite: bool = False, main: bool = True) -> Snapshots:
+    """The Snapshots of a `hetero train-*` run: in ``resume`` (with the interrupted run's ``state``), or
+    in ``state_dir`` (default: next to ``out``) for a fresh one, every ``save_every`` steps.
     ``main``: whether this process writes (rank 0 under torchrun)."""
     if state is not None:
-        directory = Path(args.resume)
-        if args.state_dir and not _same(args.state_dir, str(directory)):
+        directory = Path(resume)
+        if state_dir and not _same(str(state_dir), str(directory)):
             raise HeteroError("--state-dir: a resumed run keeps its state in the --resume directory; leave --state-dir out")
-        every = args.save_every if args.save_every is not None else int(state["meta"].get("save_every", DEFAULT_SAVE_EVERY))
+        every = save_every if save_every is not None else int(state["meta"].get("save_every", DEFAULT_SAVE_EVERY))
         return Snapshots(directory, every, run, loaded=state, enabled=main)
-    directory = Path(args.state_dir) if args.state_dir else default_dir(args.out)
-    snaps = Snapshots(directory, DEFAULT_SAVE_EVERY if args.save_every is None else args.save_every, run, enabled=main)
+    directory = Path(state_dir) if state_dir else default_dir(out)
+    snaps = Snapshots(directory, DEFAULT_SAVE_EVERY if save_every is None else save_every, run, enabled=main)
     if main:
-        prepare_fresh(directory, command, args.overwrite)
+        prepare_fresh(directory, command, overwrite)
     return snaps

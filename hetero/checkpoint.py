@@ -19,16 +19,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from devices.schema import CHECKPOINT_FILE, CHECKPOINT_FORMAT, WEIGHTS_FILE
 from hetero._atomic import atomic_dir, check_output_dest, sha256_file, write_json_atomic
-from hetero.byo import FactoryError
 from hetero.data import Preprocess
 from hetero.errors import HeteroError
 from hetero.models import CosineClassifier, EmbeddingModel, ModelSpec, create_embedding_model
+from hetero.models.external import FactoryError
 
-FORMAT = "hetero-checkpoint"
+FORMAT = CHECKPOINT_FORMAT
 VERSION = 1
-WEIGHTS = "weights.safetensors"
-META = "hetero.json"
+WEIGHTS = WEIGHTS_FILE
+META = CHECKPOINT_FILE
 ROLES = ("cloud", "edge", "control")
 OWN_SPACE = ("cloud", "control")  # roles whose space is their own fingerprint (an edge's is its cloud's)
 

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from hetero.errors import HeteroError
 
@@ -203,44 +204,6 @@ def ddp(module: torch.nn.Module) -> torch.nn.Module:
     """``module`` wrapped in DistributedDataParallel when several processes train, else itself."""
     if not active():
         return module
-    from torch.nn.parallel import DistributedDataParallel
 
     dev = next((p.device for p in module.parameters()), torch.device("cpu"))
     return DistributedDataParallel(module, device_ids=[dev] if dev.type == "cuda" else None)
-
-
-@torch.no_grad()
-def embed_rows(model: torch.nn.Module, ds, prep, *, progress: bool = True, desc: str = "embed") -> np.ndarray:
-    """Embeddings of every image of ``ds`` (in order): each rank embeds its contiguous chunk, then all
-    ranks gather them. One process: :func:`hetero.embed.embed_images` unchanged."""
-    from hetero.embed import embed_images
-
-    if not active():
-        return embed_images(model, ds, prep, progress=progress, desc=desc)
-    rows = chunk(len(ds))
-    local = embed_images(model, ds.subset(rows), prep, progress=progress and is_main(), desc=desc)
-    return gather_rows(local, len(ds))
-
-
-def cached_embeddings(ckpt, ds, *, progress: bool = True, key: str | None = None, desc: str = "embed") -> np.ndarray:
-    """:func:`hetero.embed.cached_embeddings`, with the embedding split over the ranks under torchrun.
-
-    Rank 0 decides whether the cache holds a usable file, and every rank follows that one decision
-    (ranks checking on their own could disagree if the file appeared between their checks, and the
-    ones that embed would wait forever for the others). On a hit every rank reads the file; on a miss
-    all ranks embed their chunk, the rows are gathered, and rank 0 writes them to the cache."""
-    from hetero.embed import cached_embeddings as cached, embeddings_cache_path, read_cached, write_cached
-
-    if not init():
-        return cached(ckpt, ds, progress=progress, key=key, desc=desc)
-    path = embeddings_cache_path(ckpt, ds, key=key)
-    hit = all_gather_object(read_cached(path, len(ds), ckpt.spec.dim) is not None if is_main() else None)[0]
-    if hit:
-        return np.asarray(cached(ckpt, ds, progress=False, key=key, desc=desc))
-    emb = embed_rows(ckpt.model, ds.conform(ckpt.preprocess), ckpt.preprocess, progress=progress, desc=desc)
-    if not np.isfinite(emb).all():
-        raise HeteroError(f"model produced NaN/Inf embeddings on {ds.name}; the checkpoint is broken, re-train it")
-    if is_main():
-        write_cached(path, emb)
-    barrier()
-    return emb

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hetero import distributed
 from hetero._atomic import discard_damaged, remove_stale_temps, write_atomic
 from hetero._progress import progress_bar
 from hetero.data import ImageSet, Preprocess, iterate_batches
 from hetero.errors import HeteroError
-
+from hetero.locations import cache_dir
 
 # an input batch of at most this many bytes (float32): 512 images up to ~180 px grey / ~100 px RGB
 _MAX_BATCH_BYTES = 64 << 20
@@ -43,8 +44,9 @@ def embed_images(model: torch.nn.Module, ds: ImageSet, prep: Preprocess, *, batc
     return emb
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HETERO_CACHE", Path.home() / ".cache" / "hetero"))
+def targets_dir() -> Path:
+    """Where cached embeddings live: ``targets/`` in hetero's cache."""
+    return cache_dir() / "targets"
 
 
 def cloud_targets(cloud, ds: ImageSet, *, progress: bool = True, directory: Path | None = None) -> np.ndarray:
@@ -74,8 +76,6 @@ def embed_on_training_device(model: torch.nn.Module, ds: ImageSet, prep: Preproc
     """:func:`embed_images` on the device training runs on (:func:`hetero.distributed.device`: a GPU
     with ``HETERO_DEVICE=cuda`` or under torchrun), so a GPU run does not embed its cloud targets on
     the CPU. A CPU model is moved there for the pass and back afterwards."""
-    from hetero import distributed
-
     dev = distributed.device()
     here = next((p.device for p in model.parameters()), torch.device("cpu"))
     if dev.type == "cpu" or here != torch.device("cpu"):
@@ -89,7 +89,7 @@ def embed_on_training_device(model: torch.nn.Module, ds: ImageSet, prep: Preproc
 
 def embeddings_cache_path(ckpt, ds: ImageSet, *, key: str | None = None, directory: Path | None = None) -> Path:
     """Where :func:`cached_embeddings` keeps the embeddings of ``ds`` by ``ckpt`` (or by ``key``)."""
-    directory = Path(directory) if directory else cache_dir() / "targets"
+    directory = Path(directory) if directory else targets_dir()
     key = key or ckpt.fingerprint
     return directory / f"{key[:16]}-{ds.digest()[:16]}-{len(ds)}.npy"
 
@@ -136,7 +136,7 @@ def cache_entries(space: str | None = None, directory: Path | None = None) -> li
     Only files named as :func:`cloud_targets` names them are listed; anything else is left alone."""
     if space is not None and not re.fullmatch(r"[0-9a-f]{1,64}", space):
         raise HeteroError(f"--space must be a hex fingerprint prefix (see `hetero cache`), got {space!r}")
-    directory = Path(directory) if directory else cache_dir() / "targets"
+    directory = Path(directory) if directory else targets_dir()
     if not directory.is_dir():
         return []
     rows = []
@@ -158,6 +158,40 @@ def clear_cache(space: str | None = None, directory: Path | None = None) -> list
     for r in gone:
         r["path"].unlink(missing_ok=True)
     if space is None:
-        remove_stale_temps(Path(directory) if directory else cache_dir() / "targets",
+        remove_stale_temps(Path(directory) if directory else targets_dir(),
                            lambda name: _ENTRY.match(name) is not None)
     return gone
+
+
+@torch.no_grad()
+def embed_rows(model: torch.nn.Module, ds, prep, *, progress: bool = True, desc: str = "embed") -> np.ndarray:
+    """Embeddings of every image of ``ds`` (in order): each rank embeds its contiguous chunk, then all
+    ranks gather them. One process: :func:`embed_images` unchanged."""
+    if not distributed.active():
+        return embed_images(model, ds, prep, progress=progress, desc=desc)
+    rows = distributed.chunk(len(ds))
+    local = embed_images(model, ds.subset(rows), prep, progress=progress and distributed.is_main(), desc=desc)
+    return distributed.gather_rows(local, len(ds))
+
+
+def cached_embeddings_across_ranks(ckpt, ds, *, progress: bool = True, key: str | None = None, desc: str = "embed") -> np.ndarray:
+    """:func:`cached_embeddings`, with the embedding split over the ranks under torchrun.
+
+    Rank 0 decides whether the cache holds a usable file, and every rank follows that one decision
+    (ranks checking on their own could disagree if the file appeared between their checks, and the
+    ones that embed would wait forever for the others). On a hit every rank reads the file; on a miss
+    all ranks embed their chunk, the rows are gathered, and rank 0 writes them to the cache."""
+    if not distributed.init():
+        return cached_embeddings(ckpt, ds, progress=progress, key=key, desc=desc)
+    path = embeddings_cache_path(ckpt, ds, key=key)
+    hit = distributed.all_gather_object(read_cached(path, len(ds), ckpt.spec.dim) is not None
+                                        if distributed.is_main() else None)[0]
+    if hit:
+        return np.asarray(cached_embeddings(ckpt, ds, progress=False, key=key, desc=desc))
+    emb = embed_rows(ckpt.model, ds.conform(ckpt.preprocess), ckpt.preprocess, progress=progress, desc=desc)
+    if not np.isfinite(emb).all():
+        raise HeteroError(f"model produced NaN/Inf embeddings on {ds.name}; the checkpoint is broken, re-train it")
+    if distributed.is_main():
+        write_cached(path, emb)
+    distributed.barrier()
+    return emb

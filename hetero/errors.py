@@ -1,6 +1,8 @@
 """User-facing errors: one line that names what was wrong and how to fix it."""
 from __future__ import annotations
 
+import importlib
+
 
 class HeteroError(Exception):
     """An error caused by the user's input or environment, not by a bug.
@@ -23,7 +25,6 @@ class MissingDependencyError(HeteroError):
 
 def require(module: str, extra: str):
     """Import an optional heavy module lazily, or raise a one-line error naming the pip extra."""
-    import importlib
 
     try:
         return importlib.import_module(module)

@@ -1,4 +1,5 @@
-"""Retrieval metrics: exact inner-product search, mAP@R and Recall@k over a labelled gallery.
+"""Retrieval metrics: mAP@R and Recall@k of exact inner-product search over a labelled gallery
+(the top-k search itself is :func:`hetero.knn.knn_search`).
 
 Used by the verification report to score cloud-gallery x edge-query search. Everything is exact
 (no approximate index) and chunked over queries so a 10k x 60k evaluation fits in a few hundred MB.
@@ -11,47 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from hetero._search import (
-    as_embeddings,
-    check_pair,
-    check_positive_int,
-    knn_inner_product,
-    usable_cpus,
-)
 from hetero.errors import HeteroError
+from hetero.knn import as_embeddings, check_pair, check_positive_int, usable_cpus
 
-__all__ = ["retrieval_metrics", "search"]
+__all__ = ["retrieval_metrics"]
 
 # Rows per ranking task: keeps each task's temporaries small (~rows * 2R * 12 bytes).
 _PIECE_ROWS = 128
-
-
-def search(
-    query: np.ndarray,
-    gallery: np.ndarray,
-    k: int,
-    *,
-    exclude_self: bool = False,
-    chunk_size: int = 1024,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k gallery items for each query by inner product (faiss, chunked over queries).
-
-    Returns ``(scores, indices)``: float32 and int64 ``[Nq, k]``, best first. With
-    ``exclude_self=True`` query i is gallery item i (one set searched against itself) and item i
-    is left out of row i. Memory is about ``chunk_size * Ng`` floats at a time.
-    """
-    q = as_embeddings(query, "query")
-    g = as_embeddings(gallery, "gallery")
-    check_pair(q, g, exclude_self)
-    k = check_positive_int(k, "k")
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
-    available = g.shape[0] - int(exclude_self)
-    if k > available:
-        raise HeteroError(
-            f"k={k} but only {available} gallery items can be returned per query"
-            f"{' (self excluded)' if exclude_self else ''}; lower k or enlarge the gallery"
-        )
-    return knn_inner_product(q, g, k, exclude_self=exclude_self, chunk_size=chunk_size)
 
 
 def retrieval_metrics(

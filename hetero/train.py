@@ -39,7 +39,7 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     limit: int | None = None
-    # influence + alignment + relational: never far from the best recipe measured (README, "Which loss
+    # influence + alignment + relational: never far from the best recipe measured (docs/training.md, "Which loss
     # when"): 0.9 points behind influence alone on Fashion-MNIST at 8 epochs, ahead of it in the demo
     # and by 2-4 points on a small dataset (scikit-learn digits), where influence alone lagged
     losses: dict[str, float] = field(default_factory=lambda: {"influence": 1.0, "alignment": 1.0, "relational": 1.0})

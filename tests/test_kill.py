@@ -26,7 +26,7 @@ import pytest
 
 from badinput import REPO, listing
 from clitest import PERMISSIVE_GATES
-from hetero.cli import main
+from hetero.app.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 def test_one_version_and_hetero_version_prints_it(capsys):
     assert PYPROJECT["project"]["dynamic"] == ["version"] and "version" not in PYPROJECT["project"]
-    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hetero.__version__"}
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hetero.version.__version__"}
     assert version("hetero") == hetero.__version__  # the installed metadata took it from there
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.strip() == f"hetero {hetero.__version__}"

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from hetero._atomic import discard_damaged, remove_stale_temps, stale_temps, write_atomic
+from hetero._progress import progress_bar
 from hetero.errors import HeteroError
+from hetero.locations import cache_dir
 
 _FORMAT = b"hetero-image-cache-v1"
 # the names this module gives: decoded pixels and per-file sha256s (anything else there is not hetero's)
@@ -30,8 +32,6 @@ _NAMES = re.compile(r"^[0-9a-f]{24}(-\d+x\d+x\d+x\d+-(auto|L|RGB)\.npy|\.sha256)
 
 
 def images_dir() -> Path:
-    from hetero.embed import cache_dir
-
     return cache_dir() / "images"
 
 
@@ -165,7 +165,6 @@ def _sha256_file(path: bytes) -> bytes:
 def file_hashes(paths: np.ndarray, key: str, *, progress: bool = False) -> np.ndarray:
     """sha256 of every file's bytes, uint8 ``[N, 32]``; memoised on disk under the file-list ``key``
     so a later run costs one ``stat`` per file (done when the folder is indexed) instead of a read."""
-    from hetero._progress import progress_bar
 
     memo = images_dir() / f"{key[:24]}.sha256"
     n = len(paths)

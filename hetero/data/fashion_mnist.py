@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.outputs import fsync_dir
-from hetero._atomic import fsync_tree
+from hetero._atomic import publish_dir
 from hetero.data._idx import read_idx
 from hetero.data.imageset import ImageSet
 from hetero.errors import HeteroError
+from hetero.locations import cache_dir
 
 CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -48,9 +48,10 @@ _EXPECTED = {"train": 60000, "t10k": 10000}
 _TIMEOUT_S = 10.0
 
 
-def cache_dir() -> Path:
-    """Where a downloaded copy lives: ``~/.cache/hetero/fashion-mnist``."""
-    return Path.home() / ".cache" / "hetero" / "fashion-mnist"
+def download_dir() -> Path:
+    """Where a downloaded copy lives: ``fashion-mnist`` in hetero's cache (``$HETERO_CACHE``, else
+    ``~/.cache/hetero``)."""
+    return cache_dir() / "fashion-mnist"
 
 
 def _file(root: Path, name: str) -> Path | None:
@@ -72,7 +73,7 @@ def _candidates() -> list[Path]:
     env = os.environ.get("HETERO_DATA")
     if env:
         out += [Path(env).expanduser(), Path(env).expanduser() / "fashion-mnist"]
-    out += [cache_dir(), SYSTEM_DIR]
+    out += [download_dir(), SYSTEM_DIR]
     return out
 
 
@@ -94,7 +95,7 @@ def find_fashion_mnist(data: str | None = None, download: bool = True) -> Path:
     reason = "download disabled"
     if download:
         try:
-            return _download(cache_dir())
+            return _download(download_dir())
         except (OSError, HeteroError, http.client.HTTPException, ValueError) as e:
             reason = f"download failed: {_one_line(e)}"
     where = ", ".join(str(p) for p in looked)
@@ -173,13 +174,10 @@ def _download(dest: Path) -> Path:
                 raise HeteroError(
                     f"downloaded {prefix} files have shapes {imgs.shape}/{labels.shape}, expected ({n}, 28, 28)/({n},)"
                 )
-        fsync_tree(tmp)  # on disk before it is named: a power cut never leaves empty files at dest
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not has_fashion_mnist(dest):  # lost a race to another process: fine if it finished
-                raise
-        fsync_dir(dest.parent)
+        # on disk before it is named: a power cut never leaves empty files at dest
+        if not publish_dir(tmp, dest) and not has_fashion_mnist(dest):  # lost a race: fine if the other finished
+            raise HeteroError(f"{dest} appeared during the download but holds no complete Fashion-MNIST; remove it "
+                              "and run again")
         done = True
         return dest
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from devices.images import IMAGE_EXTENSIONS, is_image_file, list_images
+from hetero._progress import progress_bar
 from hetero.data._decode import GREY_MODES, load_one, probe_mode, shown
 from hetero.data._decode import load_one as _load_one  # noqa: F401  (its old name)
 from hetero.data.imageset import ImageSet
@@ -140,7 +141,6 @@ def load_image_folder(
     into a uint8 file under ``<hetero cache>/images`` that later runs read instead of the images.
     ``lazy=False`` returns the images decoded in memory, as before.
     """
-    from hetero._progress import progress_bar
 
     root = Path(root).expanduser()
     if not root.is_dir():

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from devices.artifact import MAX_IMAGE_SIZE
 from hetero.data.lazy import FolderImages
@@ -209,7 +210,6 @@ class ImageSet:
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of every image to ``size x size`` with PIL."""
-    from PIL import Image
 
     n, _, _, c = images.shape
     out = np.empty((n, size, size, c), dtype=np.uint8)

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
+from hetero._progress import progress_bar
 from hetero.data import _image_cache as icache
 from hetero.data._decode import load_one
 from hetero.errors import HeteroError
@@ -74,8 +77,6 @@ class _BatchDataset:
         self.decode = decode
 
     def __getitem__(self, rows: np.ndarray) -> Any:
-        import torch
-
         try:
             return torch.from_numpy(self.decode(rows))
         except HeteroError as e:
@@ -92,7 +93,6 @@ def stream(decode: _Decoder, orders: Sequence[np.ndarray], num_workers: int) -> 
         for rows in orders:
             yield decode(rows)
         return
-    from torch.utils.data import DataLoader
 
     loader = DataLoader(_BatchDataset(decode), batch_size=None, sampler=list(orders), collate_fn=_identity,
                         num_workers=min(num_workers, len(orders)), prefetch_factor=2)
@@ -232,8 +232,6 @@ class FolderImages:
         return stream(self._decoder(), [self._global(np.asarray(o, dtype=np.int64)) for o in orders], num_workers)
 
     def _open_or_build_cache(self) -> tuple[Path, int]:
-        from hetero._progress import progress_bar
-
         full = (len(self._paths), self.size, self.size, self.channels)
         path = icache.image_cache_path(self._shared["key"], full, self.convert)
         offset = icache.open_image_cache(path, full)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from hetero.data.imageset import ImageSet
 from hetero.errors import HeteroError
@@ -14,7 +15,6 @@ _MAX_SHIFT = 2
 
 def _template(c: int, size: int, channels: int) -> np.ndarray:
     """A fixed smooth float32 ``[size, size, channels]`` pattern in about [20, 235] for class ``c``."""
-    from PIL import Image
 
     rng = np.random.default_rng([_TEMPLATE_SALT, c, size, channels])
     grid = rng.uniform(-1.0, 1.0, size=(channels, _GRID, _GRID)).astype(np.float32)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetero.errors import HeteroError
+from hetero.models.external import create_external
 from hetero.models.registry import create_backbone
 
 
@@ -89,8 +90,6 @@ class ExternalEmbeddingModel(nn.Module):
 
 def create_embedding_model(spec: ModelSpec, in_channels: int) -> nn.Module:
     if spec.kind != "hetero":
-        from hetero.byo import create_external
-
         return ExternalEmbeddingModel(create_external(spec), spec.dim)
     kwargs = {**spec.backbone_kwargs, "in_channels": in_channels}
     return EmbeddingModel(create_backbone(spec.backbone, **kwargs), spec.dim)

@@ -5,6 +5,7 @@ from typing import Any
 
 from torch import nn
 
+from hetero.errors import HeteroError
 from hetero.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
@@ -16,11 +17,8 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     try:
         return BACKBONES.create(name, **kwargs)
     except TypeError as e:
-        from hetero.errors import HeteroError
-
         raise HeteroError(f"backbone {name!r} does not take these options ({e}); check the model kwargs") from None
     except (ValueError, RuntimeError, OverflowError, ZeroDivisionError) as e:  # e.g. width=-1 reaches torch
-        from hetero.errors import HeteroError
 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HeteroError(f"backbone {name!r} cannot be built with these options ({first}); check the model kwargs") from None

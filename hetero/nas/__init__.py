@@ -1,24 +1,14 @@
 """Architecture search for edge models (CMP-NAS on Once-for-All): the search space and its
-architectures (``hetero.nas.space``), the elastic weight-sharing supernet and its analytic cost
-model (``hetero.nas.supernet``), and the static ``nas_mbv3`` backbone an arch extracts to.
-
-The supernet names load on first use, so that ``hetero.models`` (which registers ``nas_mbv3``
-through ``hetero.nas.static``) and this package can import each other in either order.
+architectures (``hetero.nas.space``), the static ``nas_mbv3`` network an arch extracts to
+(``hetero.nas.subnet``), the elastic weight-sharing supernet and its analytic cost model
+(``hetero.nas.supernet``), its training (``hetero.nas.train``), the evolution under a cost budget
+(``hetero.nas.evolution``) and the latency predictor (``hetero.nas.latency``). The search that wires
+them to data, checkpoints and devices is ``hetero.app.search``.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from hetero.nas.space import Arch, SearchSpace, crossover, largest, mutate, sample, smallest
+from hetero.nas.supernet import Supernet, arch_flops, arch_params, recalibrate_bn
 
-_SUPERNET = ("Supernet", "arch_flops", "arch_params", "recalibrate_bn")
-
-__all__ = ["Arch", "SearchSpace", "crossover", "largest", "mutate", "sample", "smallest", *_SUPERNET]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SUPERNET:
-        from hetero.nas import supernet
-
-        return getattr(supernet, name)
-    raise AttributeError(f"module 'hetero.nas' has no attribute {name!r}")
+__all__ = ["Arch", "SearchSpace", "Supernet", "arch_flops", "arch_params", "crossover", "largest", "mutate",
+           "recalibrate_bn", "sample", "smallest"]

@@ -4,8 +4,8 @@ A :class:`SearchSpace` fixes the largest network (stem, stages of inverted-resid
 choices per gene; an :class:`Arch` picks one value per gene: a width multiplier for the whole net,
 a depth per stage, and a kernel size, expand ratio and squeeze-excite switch per block slot. Slots
 beyond a stage's active depth keep their genes, so mutation and crossover can bring them back.
-:func:`Arch.blocks` resolves an arch into concrete block shapes; the supernet, the static network
-and the analytic cost model all read that one function.
+:func:`Arch.blocks` resolves an arch into concrete block shapes; the supernet, the static network,
+the analytic cost model and the latency predictor all read that one function.
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ class SearchSpace:
     """Choices of the supernet. ``stages`` are (max out_channels, max depth, stride) at width 1.
 
     The defaults suit 28 px inputs: a stride-2 stem (14 px), then 14, 7, 4 and 4 px stages. Their
-    subnets span 0.40 to 15.95 MFLOPs at dim 128 (``arch_flops``, equal to ``hetero.cost.count_flops``;
-    1 MAC = 2 FLOPs), i.e. 3.9x to 153x below the cloud ResNet-20's 62.06 MFLOPs.
+    subnets span 0.40 to 15.95 MFLOPs at dim 128 (``arch_flops``, equal to
+    ``hetero.models.complexity.count_flops``; 1 MAC = 2 FLOPs), i.e. 3.9x to 153x below the cloud
+    ResNet-20's 62.06 MFLOPs.
     ``kernel_transform`` gives the supernet OFA's learned kernel transformation matrices (the
     static subnets do not need them). ``head`` adds MobileNetV3's last 1x1 convolution (with batch
     norm and ReLU) to that many channels, whatever the width, before pooling; 0 leaves it out.

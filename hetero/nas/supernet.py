@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetero.errors import HeteroError
-from hetero.models import EmbeddingModel
+from hetero.models.embedding import EmbeddingModel
 from hetero.nas.space import STEM_KERNEL, Arch, Block, SearchSpace, largest, mid_channels, se_hidden
 from hetero.nas.space import sample as sample_arch
-from hetero.nas.static import NasMobileNetV3
+from hetero.nas.subnet import NasMobileNetV3
 
 
 class ElasticBatchNorm2d(nn.BatchNorm2d):
@@ -91,7 +91,7 @@ class ElasticBlock(nn.Module):
         return x + y if b.residual else y
 
     def static_state(self, b: Block) -> dict[str, torch.Tensor]:
-        """The active slice under the names of :class:`hetero.nas.static.InvertedResidual`."""
+        """The active slice under the names of :class:`hetero.nas.subnet.InvertedResidual`."""
         st = {"expand.0.weight": self.expand.weight[:b.mid, :b.cin], "dw.0.weight": self.dw_weight(b.mid, b.kernel),
               "project.0.weight": self.project.weight[:b.cout, :b.mid]}
         for prefix, bn, c in (("expand.1.", self.bn1, b.mid), ("dw.1.", self.bn2, b.mid), ("project.1.", self.bn3, b.cout)):
@@ -252,11 +252,11 @@ def _flops_params(arch: Arch, space: SearchSpace, dim: int) -> tuple[int, int]:
 
 
 def arch_flops(arch: Arch, space: SearchSpace, dim: int) -> int:
-    """FLOPs of the extracted subnet on one input, as ``hetero.cost.count_flops`` counts them
+    """FLOPs of the extracted subnet on one input, as ``hetero.models.complexity.count_flops`` counts them
     (convolutions and matmuls, 1 MAC = 2 FLOPs; BN, activations, pooling and biases are free)."""
     return _flops_params(arch, space, dim)[0]
 
 
 def arch_params(arch: Arch, space: SearchSpace, dim: int) -> int:
-    """Parameters of the extracted subnet (``hetero.cost.count_params``), without building it."""
+    """Parameters of the extracted subnet (``hetero.models.complexity.count_params``), without building it."""
     return _flops_params(arch, space, dim)[1]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,8 +34,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from hetero import data, distributed  # data.iterate_batches read at call time: tests interrupt it
+from hetero._atomic import atomic_dir, check_output_dest, sha256_file, write_json_atomic
+from hetero._progress import progress_bar
+from hetero._resume import STATE as STEP_STATE, Snapshots, read_state, rng_state, set_rng_state
+from hetero.embed import cloud_targets
 from hetero.errors import HeteroError
+from hetero.losses import LossContext, WeightedLoss
+from hetero.nas.space import Arch, SearchSpace, largest, sample, smallest
+from hetero.nas.supernet import Supernet
 
 FORMAT = "hetero-supernet"
 META = "supernet.json"
@@ -63,8 +74,6 @@ class SupernetConfig:
         if self.space is not None:
             if not isinstance(self.space, dict):
                 raise HeteroError(f"--space must hold a JSON object of search-space fields, got {type(self.space).__name__}")
-            from hetero.nas.space import SearchSpace
-
             SearchSpace.from_dict(self.space)  # a one-line error naming the bad field, before any training
         for name in ("epochs", "batch_size", "val_size"):
             if getattr(self, name) < 1:
@@ -91,8 +100,6 @@ def _phase(epoch: int, epochs: int, progressive: bool) -> int:
 
 def _sample_phase(space, rng: random.Random, phase: int):
     """A random arch of the space, with the elastic dimensions not yet opened held at their maximum."""
-    from hetero.nas.space import Arch, largest, sample
-
     a, big = sample(space, rng), largest(space)
     return Arch(width=a.width if phase >= 3 else big.width,
                 depths=a.depths if phase >= 2 else big.depths,
@@ -104,16 +111,10 @@ def _sample_phase(space, rng: random.Random, phase: int):
 def legacy_supernet_kind(d: Path) -> str | None:
     """A supernet directory written before output markers, or one whose first epoch is under way (only
     its mid-epoch state in ``steps/`` so far)."""
-    from hetero._resume import STATE as STEP_STATE
-
     return "supernet" if (d / META).is_file() or (d / STEPS / STEP_STATE).is_file() else None
 
 
 def save_supernet(out: Path, net, meta: dict[str, Any], state: dict[str, Any] | None) -> None:
-    from safetensors.torch import save_file
-
-    from hetero._atomic import atomic_dir, sha256_file, write_json_atomic
-
     with atomic_dir(out, "supernet", True, legacy_supernet_kind) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS))
         meta = {**meta, "weights_sha256": sha256_file(tmp / WEIGHTS)}
@@ -124,13 +125,6 @@ def save_supernet(out: Path, net, meta: dict[str, Any], state: dict[str, Any] | 
 
 def load_supernet(path: str | Path, *, with_state: bool = False):
     """(supernet, meta[, train state]) from a directory written by `hetero train-supernet`, checked."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from hetero._atomic import sha256_file
-    from hetero.nas.space import SearchSpace
-    from hetero.nas.supernet import Supernet
-
     d = Path(path)
     if not (d / META).is_file():
         raise HeteroError(f"{path} is not a supernet directory (no {META}); pass the --out of `hetero train-supernet`")
@@ -154,8 +148,6 @@ def load_supernet(path: str | Path, *, with_state: bool = False):
         return net, meta
     if not (d / STATE).is_file():
         return net, meta, None
-    import pickle
-
     try:  # tensors and plain containers only: a pickled object in the file is refused, never run
         state = torch.load(d / STATE, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, KeyError) as e:
@@ -173,19 +165,8 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
     (see :mod:`hetero._resume`), so ``resume`` continues from the last step saved, not the last epoch.
     Under torchrun ``cfg.batch_size`` is the global batch, split over the ranks; their gradients are
     averaged after the sandwich and rank 0 alone writes ``out``."""
-    from hetero import distributed
-    from hetero._progress import progress_bar
-    from hetero._resume import STATE as STEP_STATE, Snapshots, read_state, rng_state, set_rng_state
-    from hetero.data import iterate_batches
-    from hetero.embed import cloud_targets
-    from hetero.losses import LossContext, WeightedLoss
-    from hetero.nas.space import SearchSpace, largest, smallest
-    from hetero.nas.supernet import Supernet
-
     if cloud.role != "cloud":
         raise HeteroError(f"--cloud must be a cloud checkpoint, got a {cloud.role} checkpoint ({cloud.path})")
-    from hetero._atomic import check_output_dest
-
     out = Path(out)
     check_output_dest(out, "supernet", True, legacy_supernet_kind)  # before any work
     main = distributed.is_main()
@@ -297,7 +278,7 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
         order = distributed.shard(np.random.default_rng(cfg.seed + epoch).permutation(len(train_ds)), rank, world)
         bar = progress_bar(total=len(order) * world, initial=n * world, desc=f"train-supernet {epoch + 1}/{cfg.epochs}",
                            unit="img", disable=not (progress and main), leave=False)
-        batches = iterate_batches(train_ds, prep, per_rank, indices=order[first * per_rank:])
+        batches = data.iterate_batches(train_ds, prep, per_rank, indices=order[first * per_rank:])
         for s, (x, y, idx) in enumerate(batches, start=first):
             x, y = x.to(dev), y.to(dev)
             target = torch.from_numpy(np.asarray(cached[idx.numpy()])).to(dev) if cached is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hetero.checkpoint import load_checkpoint
 from hetero.errors import HeteroError
 
 ROOT = Path(__file__).resolve().parent
@@ -29,6 +30,5 @@ def pretrained_path(name: str) -> Path:
 
 def load_pretrained(name: str):
     """The shipped checkpoint ``name``, loaded and verified like any other."""
-    from hetero.checkpoint import load_checkpoint
 
     return load_checkpoint(pretrained_path(name), role="cloud")

@@ -8,7 +8,7 @@ import pytest
 from devices import DeviceError, bench, create_runner
 from devices.bench import SCHEMA, _stats, check_result, compare_table, time_calls
 from devices.profiles import PROFILES, describe, profile, runner_for
-from hetero.cli import main
+from hetero.app.cli import main
 
 
 def test_stats_units_and_percentiles():

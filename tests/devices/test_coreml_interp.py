@@ -22,7 +22,7 @@ from devices.coreml_interp import InputSpec, Interpreter, load_program  # noqa: 
 from devices.runner import RUNNERS  # noqa: E402
 from export import export_checkpoint  # noqa: E402
 from export.base import FormatBreaksModel  # noqa: E402
-from hetero.nas.static import NasMobileNetV3
+from hetero.nas.subnet import NasMobileNetV3
 from hetero.checkpoint import Checkpoint  # noqa: E402
 from hetero.data import Preprocess  # noqa: E402
 from hetero.models import ModelSpec, create_backbone, create_embedding_model, list_backbones  # noqa: E402

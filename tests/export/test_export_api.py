@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from devices import create_runner
 from devices.artifact import load_manifest, open_artifact, sha256_path
 from devices.errors import DeviceError
 from export import export_checkpoint
@@ -25,6 +26,26 @@ def test_fp32_onnx_is_simplified_checked_and_keeps_a_dynamic_batch(saved):
     assert out[0].dim_param and out[1].dim_value == 16
     assert not [n for n in model.graph.node if n.op_type in ("Identity", "Constant")]  # folded away
     assert not (saved / "export" / "edge.onnx.data").exists()
+
+
+def test_a_just_written_artifact_is_checked_through_the_devices_runner(saved):
+    """Export measures an artifact before any manifest lists it: the devices runner opens the file with
+    its entry alone, and embeds as it does once the export is listed (what verify opens)."""
+    d = saved / "export"
+    (a,) = json.loads((d / "manifest.json").read_text())["artifacts"]
+    assert a["fidelity"]["runtime"].startswith("onnxruntime ") and a["fidelity"]["runtime"].endswith(" CPUExecutionProvider")
+    entry = {k: a[k] for k in ("format", "precision", "input", "output")}
+    x = np.random.default_rng(3).standard_normal((9, 1, 28, 28)).astype(np.float32)
+    with create_runner(d / "edge.onnx", "onnxruntime", entry=entry, batch_size=4) as r:
+        got = r.embed(x)
+    with create_runner(d, "onnxruntime") as r:
+        np.testing.assert_array_equal(got, r.embed(x))
+    with pytest.raises(DeviceError, match="runs onnx, ort artifacts, not coreml"):
+        create_runner(d / "edge.onnx", "onnxruntime", entry={**entry, "format": "coreml"})
+    with pytest.raises(DeviceError, match="lacks a format, an input shape"):
+        create_runner(d / "edge.onnx", "onnxruntime", entry={"format": "onnx", "input": entry["input"]})
+    with pytest.raises(DeviceError, match="does not exist"):
+        create_runner(d / "gone.onnx", "onnxruntime", entry=entry)
 
 
 def _brute_force_agreement(ref, cand, gallery, k):

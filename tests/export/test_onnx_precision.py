@@ -7,6 +7,7 @@ import pytest
 
 from devices import create_runner, open_artifact
 from export import default_formats, export_checkpoint
+from hetero._atomic import sha256_file
 from hetero.checkpoint import load_checkpoint
 from hetero.errors import HeteroError
 
@@ -107,13 +108,13 @@ def test_a_format_that_breaks_the_model_is_refused_or_skipped(tmp_path, saved, s
     explicit request fails naming the format and the measured cosine; the default set skips it."""
     import export.onnx as eo
 
-    real = eo.ort_embed
+    real = eo.runner_embeddings
 
-    def scrambled(path, inputs, batch_size=1024):
-        got, rt = real(path, inputs, batch_size)
+    def scrambled(job, path, runtime, entry, **settings):
+        got, rt = real(job, path, runtime, entry, **settings)
         return (got[::-1].copy() if str(path).endswith(".fp16.onnx") else got), rt
 
-    monkeypatch.setattr(eo, "ort_embed", scrambled)
+    monkeypatch.setattr(eo, "runner_embeddings", scrambled)
     edge = load_checkpoint(saved / "edge")
     x = prep.apply(synth[1].images)
     with pytest.raises(HeteroError, match=r"onnx-fp16 breaks this model: mean cosine 0\.\d+"):
@@ -144,3 +145,16 @@ def test_duplicate_casts_from_older_converters_are_dropped():
     m.graph.node.append(helper.make_node("Relu", ["x32"], ["y"], name="other"))
     with pytest.raises(HeteroError, match="'y' twice from different nodes"):
         _drop_duplicate_nodes(m)
+
+
+def test_every_onnx_file_says_what_it_embeds_and_which_space_it_lives_in(exported):
+    """metadata_props on the FP32, FP16 and INT8 files, as the Core ML packages carry (issue 22)."""
+    edge, d, m = exported
+    for a in m["artifacts"]:
+        props = {p.key: p.value for p in onnx.load(str(d / a["file"])).metadata_props}
+        assert props["hetero.precision"] == a["precision"] and props["hetero.role"] == "edge"
+        assert props["hetero.embedding_dim"] == str(m["dim"]) == "16"
+        assert json.loads(props["hetero.preprocessing"]) == m["preprocess"] == edge.preprocess.to_dict()
+        assert props["hetero.space_fingerprint"] == m["space"] == edge.space
+        assert props["hetero.checkpoint_fingerprint"] == m["model"]["checkpoint_fingerprint"] == edge.fingerprint
+        assert a["sha256"] == sha256_file(d / a["file"])  # the manifest hashes the file as written, metadata included

@@ -11,11 +11,15 @@ import pytest
 from onnx import TensorProto, helper
 
 import export.tensorrt as trt_export
-from devices import DeviceError, open_artifact
+import export.tensorrt_build as trt_build
+import export.tensorrt_preflight as trt_preflight
+from devices import DeviceError, Runner, open_artifact
 from devices.artifact import sha256_path
+from devices.runner import RUNNERS
 from export import export_checkpoint
 from export.base import FormatCannotExpress
-from export.tensorrt import load_table, preflight, profile_shapes, trtexec_command
+from export.tensorrt_preflight import load_table, preflight
+from export.tensorrt_trtexec import profile_shapes, trtexec_command
 from hetero.checkpoint import load_checkpoint
 from hetero.errors import HeteroError
 
@@ -25,7 +29,7 @@ def _trt_and_gpu() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return "tensorrt is not installed"
     try:
-        import tensorrt  # noqa: F401
+        importlib.import_module("tensorrt")
     except Exception as e:  # PyPI's placeholder package fails on import
         return f"tensorrt does not import ({e.__class__.__name__})"
     import torch
@@ -87,7 +91,7 @@ def test_preflight_lists_an_unsupported_op_with_its_node():
     assert not r["ok"] and r["op_counts"] == {"Det": 1, "Relu": 1}
     (p,) = r["problems"]
     assert p["node"] == "det1" and p["op"] == "Det" and "unsupported (N)" in p["reason"]
-    msg = trt_export.preflight_message(r)
+    msg = trt_preflight.preflight_message(r)
     assert msg.startswith("tensorrt cannot express op 'Det' (node det1)") and "\n" not in msg
 
 
@@ -133,7 +137,7 @@ def test_preflight_reports_violated_restrictions_with_their_text():
     assert "not an initializer" in got[("sum_dyn", "ReduceSum.axes_initializer")]["detail"]
     assert [w["node"] for w in r["warnings"]] == ["rand"]  # seed is ignored: reported, not blocking
     assert not r["ok"] and len(r["problems"]) == 4
-    msg = trt_export.preflight_message(r)
+    msg = trt_preflight.preflight_message(r)
     assert "op 'Resize' (node resize_cubic)" in msg and "Supported resize modes" in msg and "\n" not in msg
     assert "Resize" in {u["op"] for u in r["unchecked_restrictions"]}  # the iota-axes sentence is not encoded
 
@@ -214,7 +218,7 @@ def test_graph_tensorrt_cannot_express(tmp_path, saved, monkeypatch):
     edge = load_checkpoint(saved / "edge")
     table = copy.deepcopy(load_table())
     table["ops"]["Conv"] = {"supported": False, "types": [], "restrictions": "injected for the test"}
-    monkeypatch.setattr(trt_export, "load_table", lambda: table)
+    monkeypatch.setattr(trt_preflight, "load_table", lambda: table)
     with pytest.raises(FormatCannotExpress) as e:
         export_checkpoint(edge, tmp_path / "explicit", formats=("tensorrt",))
     msg = str(e.value)
@@ -342,7 +346,7 @@ class _FakeTrt:
 def test_build_code_path_per_tensorrt_version(tmp_path, version):
     fake = _FakeTrt(version)
     prof = profile_shapes((1, 8, 32), (1, 28, 28))
-    how = trt_export.build_engine(fake, tmp_path / "m.fp16.onnx", tmp_path / "m.onnx", tmp_path / "m.plan",
+    how = trt_build.build_engine(fake, tmp_path / "m.fp16.onnx", tmp_path / "m.onnx", tmp_path / "m.plan",
                                   tmp_path / "m.timing.cache", prof)
     assert (tmp_path / "m.plan").read_bytes() == b"PLAN" and (tmp_path / "m.timing.cache").read_bytes() == b"CACHE"
     calls = dict(fake.calls)
@@ -353,7 +357,7 @@ def test_build_code_path_per_tensorrt_version(tmp_path, version):
     else:  # strongly typed from the FP16 ONNX; no precision flag exists any more
         assert calls["parse"] == "m.fp16.onnx" and "flag" not in calls and calls["network"] == 1
         assert how["built_from"] == "m.fp16.onnx" and how["strongly_typed"]
-    trt_export.build_engine(fake, tmp_path / "m.fp16.onnx", tmp_path / "m.onnx", tmp_path / "m.plan",
+    trt_build.build_engine(fake, tmp_path / "m.fp16.onnx", tmp_path / "m.onnx", tmp_path / "m.plan",
                             tmp_path / "m.timing.cache", prof)  # a rebuild starts from the saved timing cache
     assert [c[1] for c in fake.calls if c[0] == "cache_in"] == [b"", b"CACHE"]
 
@@ -362,14 +366,17 @@ def test_build_code_path_errors_are_one_line(tmp_path):
     prof = profile_shapes((1, 8), (1, 28, 28))
     args = (tmp_path / "m.fp16.onnx", tmp_path / "m.onnx", tmp_path / "m.plan", tmp_path / "c", prof)
     with pytest.raises(HeteroError, match=r"parser rejected m\.onnx: op 'Weird' \(node n_bad\): no importer for it$"):
-        trt_export.build_engine(_FakeTrt("10.3.0", parse_ok=False), *args)
+        trt_build.build_engine(_FakeTrt("10.3.0", parse_ok=False), *args)
     with pytest.raises(HeteroError, match="could not build an engine from m.fp16.onnx"):
-        trt_export.build_engine(_FakeTrt("11.0.0", plan=None), *args)
+        trt_build.build_engine(_FakeTrt("11.0.0", plan=None), *args)
     with pytest.raises(HeteroError, match="older than 10"):
-        trt_export.build_engine(_FakeTrt("8.6.1"), *args)
+        trt_build.build_engine(_FakeTrt("8.6.1"), *args)
 
 
 def test_built_entry_on_a_gpu_host_stand_in(tmp_path, exported, monkeypatch):
+    """The GPU-host path: the plan built (stand-in tensorrt), then measured through the devices runner
+    registered as "tensorrt" (here a stand-in for it that runs the torch model), with the entry the
+    exporter gives it."""
     import torch
 
     from export.base import ExportJob
@@ -379,15 +386,34 @@ def test_built_entry_on_a_gpu_host_stand_in(tmp_path, exported, monkeypatch):
     with torch.no_grad():
         ref = edge.model.eval()(torch.from_numpy(x)).numpy()
     fake = _FakeTrt("10.15.1")
+    seen = []
+
+    class StandInRunner(Runner):
+        name, formats = "tensorrt", ("tensorrt",)
+
+        def open(self):
+            seen.append((self.artifact.path.name, self.artifact.entry["profile"]["max"][0], self.batch_size))
+
+        @property
+        def runtime(self):
+            return f"tensorrt {fake.__version__} on {torch.cuda.get_device_name(0)}"
+
+        def _run(self, batch):
+            assert len(batch) <= 32  # chunked within the profile
+            with torch.no_grad():
+                return edge.model(torch.from_numpy(batch)).numpy() + 1e-4
+
     monkeypatch.setattr(trt_export, "_tensorrt_here", lambda: (fake, None))
-    monkeypatch.setattr(trt_export, "run_engine", lambda trt, plan, inputs, max_batch: ref + 1e-4)
+    monkeypatch.setitem(RUNNERS, "tensorrt", StandInRunner)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Stand-in GPU")
     job = ExportJob(edge, tmp_path, "edge", x, "40 seeded inputs", ref,
                     built={"onnx": out / "edge.onnx", "onnx-fp16": out / "edge.fp16.onnx"})
     a = trt_export._export_tensorrt(job, out / "edge.fp16.onnx")
+    assert seen == [("edge.plan", 32, 32)]
     assert a["status"] == "built" and a["file"] == "edge.plan" and a["sha256"] == sha256_path(tmp_path / "edge.plan")
     assert a["made_from"] == "edge.onnx" and a["runtime"] == "tensorrt 10.15.1 on Stand-in GPU"
     assert a["fidelity"]["label"] == "measured" and a["fidelity"]["min_cosine"] > 0.999
+    assert a["fidelity"]["runtime"] == a["runtime"] and a["gpu"] == "Stand-in GPU"
     assert a["timing_cache"] == "edge.timing.cache" and a["build_command"].startswith("trtexec --onnx=edge.fp16.onnx")
     assert a["libraries"]["tensorrt"] == "10.15.1" and (tmp_path / "edge.tensorrt-preflight.json").is_file()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from clitest import one_line_error, other_space_cloud, run
-from hetero.cli import main
+from hetero.app.cli import main
 
 TINY = ["--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--dim", "16", "--quiet"]
 

@@ -69,7 +69,7 @@ def test_train_edge_on_the_gpu_learns_and_returns_a_cpu_model(tiny_cloud, synth,
 
 def test_search_scores_a_candidate_on_the_gpu_as_on_the_cpu(saved, synth, tmp_path, monkeypatch, small_space):
     from hetero.checkpoint import load_checkpoint
-    from hetero.nas.search import Evaluator, SearchConfig
+    from hetero.app.search import Evaluator, SearchConfig
     from hetero.nas.space import largest
     from hetero.nas.train import SupernetConfig, load_supernet, train_supernet
 

@@ -358,8 +358,9 @@ def make_fmnist(root: Path, n_train: int = 12, n_test: int = 5, gz: bool = True)
 
 
 @pytest.fixture
-def isolated(tmp_path, monkeypatch):  # lookups see an empty HOME, no HETERO_DATA, no system dataset
+def isolated(tmp_path, monkeypatch):  # lookups see an empty HOME and cache, no HETERO_DATA, no system dataset
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HETERO_CACHE", str(tmp_path / "home" / ".cache" / "hetero"))
     monkeypatch.delenv("HETERO_DATA", raising=False)
     monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "no-system")
 
@@ -373,7 +374,7 @@ def test_find_and_load_fashion_mnist(tmp_path, monkeypatch, isolated):
     monkeypatch.setenv("HETERO_DATA", str(root))
     assert find_fashion_mnist(None, download=False) == root
     monkeypatch.delenv("HETERO_DATA")
-    cache = make_fmnist(fm.cache_dir())
+    cache = make_fmnist(fm.download_dir())
     assert find_fashion_mnist(None, download=False) == cache
     tr = load_fashion_mnist(root, "train")
     assert tr.images.shape == (12, 28, 28, 1) and tr.labels.dtype == np.int64 and tr.name == "fashion-mnist/train"

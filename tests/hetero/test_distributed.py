@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from clitest import PERMISSIVE_GATES, run
-from hetero.cli import main
-from hetero.evaluate import evaluate
+from hetero.app.cli import main
+from hetero.app.evaluate import evaluate
 
 pytestmark = pytest.mark.slow  # torchrun launches
 

@@ -68,7 +68,7 @@ def test_download_checks_and_places_the_files(isolated, server, monkeypatch):
     pin(monkeypatch, files)
     server.serve(files)
     got = find_fashion_mnist(None)
-    assert got == fm.cache_dir() and sorted(server.hits) == sorted(f"/fm/{k}.gz" for k in files)
+    assert got == fm.download_dir() and sorted(server.hits) == sorted(f"/fm/{k}.gz" for k in files)
     assert len(load_fashion_mnist(got, "test")) == 3 and len(load_fashion_mnist(got, "train")) == 6
     assert [p.name for p in got.parent.iterdir()] == ["fashion-mnist"]  # no temp dir beside it
     assert {p.name: p.read_bytes() for p in got.iterdir()} == {f"{k}.gz": v for k, v in files.items()}

@@ -140,7 +140,7 @@ def test_manifest_loader(export_dir, data):
 @given(data=st.data())
 def test_verify_plans_pairs_from_any_loadable_manifest(export_dir, data):
     from devices.artifact import load_manifest
-    from hetero.verify.run import plan_pairs
+    from hetero.app.verify.run import plan_pairs
 
     d, manifest = export_dir
     _write(d / "manifest.json", data.draw(mutated(manifest)))
@@ -252,7 +252,7 @@ gate_tables = st.dictionaries(st.sampled_from(GATE_NAMES) | st.text(max_size=6),
                                                gate_tables | scalars, max_size=3) | scalars,
                   "other": scalars}))
 def test_gates_parser(doc):
-    from hetero.verify.gates import parse_gates, thresholds_for
+    from hetero.app.verify.gates import parse_gates, thresholds_for
 
     try:
         gates = parse_gates(doc, "gates file g.toml")
@@ -267,7 +267,7 @@ def test_gates_parser(doc):
 @given(text=st.text(max_size=80) | st.sampled_from(["[all]\nmax_gap_to_paragon = 0.1\n", "[all\n", "a = [[[[[["]) | deep,
        raw=st.binary(max_size=40))
 def test_gates_file(tmp_path, text, raw):
-    from hetero.verify.gates import load_gates
+    from hetero.app.verify.gates import load_gates
 
     for content in (text.encode("utf-8", "surrogatepass"), raw):
         (tmp_path / "g.toml").write_bytes(content)
@@ -293,8 +293,8 @@ any_text = kv_text | opt_text | st.text(max_size=40) | json_values.map(json.dump
 @FUZZ
 @given(loss=st.none() | any_text, options=st.none() | any_text)
 def test_loss_flags_to_losses(loss, options):
-    """--loss and --loss-options through _parse_kv/_nest to the composed loss."""
-    from hetero.cli import _nest, _parse_kv
+    """--loss and --loss-options through parse_kv/nest to the composed loss."""
+    from hetero.app.options import nest as _nest, parse_kv as _parse_kv
     from hetero.losses import LossContext, WeightedLoss
 
     try:
@@ -316,10 +316,11 @@ TRAIN_FIELDS = ["model", "dim", "epochs", "batch_size", "lr", "weight_decay", "s
        model_kwargs=st.none() | any_text, loss=st.none() | any_text, options=st.none() | any_text,
        flags=st.fixed_dictionaries({}, optional={k: st.integers(-2, 3) for k in ("dim", "epochs", "batch_size", "limit")}))
 def test_train_config(tmp_path, config, model_kwargs, loss, options, flags):
-    """--config FILE and the flags through _train_config to TrainConfig, its losses and its backbone."""
+    """--config FILE and the flags through train_options/train_config to TrainConfig, its losses and its backbone."""
     import torch
 
-    from hetero.cli import _train_config
+    from hetero.app.cli.train import train_options
+    from hetero.app.options import train_config
     from hetero.losses import LossContext, WeightedLoss
     from hetero.models import ModelSpec, create_embedding_model
 
@@ -333,7 +334,7 @@ def test_train_config(tmp_path, config, model_kwargs, loss, options, flags):
     for k, v in flags.items():
         setattr(args, k, v)
     try:
-        cfg = _train_config(args)
+        cfg = train_config(train_options(args))
         if cfg.losses:
             WeightedLoss(cfg.losses, LossContext(dim=8, num_classes=4), cfg.loss_options)
         with torch.device("meta"):
@@ -343,7 +344,7 @@ def test_train_config(tmp_path, config, model_kwargs, loss, options, flags):
 
 
 def test_deep_json_flags_are_one_line_errors():
-    from hetero.cli import _parse_kv
+    from hetero.app.options import parse_kv as _parse_kv
 
     with pytest.raises(HeteroError, match="invalid JSON"):
         _parse_kv("{" + '"a":{' * 5000 + "}" * 5001, "--loss")
@@ -357,7 +358,8 @@ def _int(v) -> bool:
 @given(config=st.dictionaries(st.sampled_from(TRAIN_FIELDS[:-1]), small | scalars | json_values, max_size=4))
 def test_train_config_is_well_typed(tmp_path, config):
     """What training relies on once TrainConfig accepted the options."""
-    from hetero.cli import _train_config
+    from hetero.app.cli.train import train_options
+    from hetero.app.options import train_config
 
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(config))
@@ -365,7 +367,7 @@ def test_train_config_is_well_typed(tmp_path, config):
                               weight_decay=None, seed=None, limit=None, margin=None, model_kwargs=None, augment=False,
                               loss=None, loss_options=None, targets=None)
     try:
-        cfg = _train_config(args)
+        cfg = train_config(train_options(args))
     except HeteroError:
         return
     assert isinstance(cfg.model, str) and isinstance(cfg.model_kwargs, dict)

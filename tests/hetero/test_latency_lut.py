@@ -1,3 +1,5 @@
+"""The latency predictor (``hetero.nas.latency``: blocks, table, prediction) and its measuring side
+(``hetero.app.latency``: export and timing on a runner)."""
 import json
 import math
 import random
@@ -7,43 +9,34 @@ import sys
 import pytest
 import torch
 
-from hetero import latency_lut as L
-from hetero.cost import count_flops
+from hetero.app import latency as M
 from hetero.errors import HeteroError
-
-MBN = {"family": "mobilenet", "width": 0.25, "depth": 0.5}
-RES = {"family": "resnet", "depth": 8, "width": 8}
-
-
-def test_random_arch_is_seeded_and_stays_in_the_space():
-    a = [L.random_arch(random.Random(3), f) for f in L.FAMILIES]
-    assert a == [L.random_arch(random.Random(3), f) for f in L.FAMILIES]
-    assert L.random_arch(7) == L.random_arch(random.Random(7))
-    rng = random.Random(0)
-    drawn = [L.random_arch(rng) for _ in range(60)]
-    assert {d["family"] for d in drawn} == set(L.FAMILIES)
-    for d in drawn:
-        assert all(d[k] in L.SPACE[d["family"]][k] for k in L.SPACE[d["family"]])
-        assert json.loads(json.dumps(d)) == d
-    with pytest.raises(HeteroError, match="family"):
-        L.random_arch(rng, "vit")
-    with pytest.raises(HeteroError, match="takes exactly"):
-        L.check_arch({"family": "resnet", "depth": 8})
+from hetero.models.complexity import count_flops
+from hetero.models.embedding import ModelSpec
+from hetero.nas import latency as L
+from hetero.nas.space import SearchSpace, largest, sample, smallest
+from hetero.nas.supernet import Supernet
 
 
-def test_arch_builds_the_registered_backbone_as_an_embedding_model():
-    spec = L.arch_spec(MBN, dim=32)
-    assert (spec.backbone, spec.backbone_kwargs, spec.dim) == ("mobilenet", {"width": 0.25, "depth": 0.5}, 32)
-    m = L.build_model(RES, dim=32)
+def spec(family: str, dim: int = 128, **kw) -> ModelSpec:
+    return ModelSpec(family, dim, kw)
+
+
+MBN = spec("mobilenet", width=0.25, depth=0.5)
+RES = spec("resnet", depth=8, width=8)
+
+
+def test_a_model_spec_builds_the_registered_backbone_in_eval_mode():
+    m = L.as_model(spec("resnet", 32, depth=8, width=8), 1)
     assert m.backbone.__class__.__name__ == "CifarResNet" and not m.training
     assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 32)
-    assert L.arch_name(RES) == "resnet8-w8" and L.arch_name(MBN) == "mobilenet-w0.25-d0.5"
+    assert L.as_model(m, 1) is m
 
 
-@pytest.mark.parametrize("arch", [MBN, RES, {"family": "mobilenet", "width": 0.5, "depth": 1.5},
-                                  {"family": "resnet", "depth": 14, "width": 12}])
+@pytest.mark.parametrize("arch", [spec("mobilenet", 16, width=0.25, depth=0.5), spec("resnet", 16, depth=8, width=8),
+                                  spec("mobilenet", 16, width=0.5, depth=1.5), spec("resnet", 16, depth=14, width=12)])
 def test_blocks_compose_back_to_the_model(arch):
-    model = L.build_model(arch, dim=16)
+    model = L.as_model(arch, 1)
     blocks = L.decompose(model, (1, 28, 28))
     backbone = model.backbone
     assert [b.type for b in blocks] == ["conv_bn_relu", *[blocks[1].type] * len(backbone.blocks), "head"]
@@ -56,7 +49,22 @@ def test_blocks_compose_back_to_the_model(arch):
             y = b.module(y)
         torch.testing.assert_close(y, model(x))
     assert sum(count_flops(b.module, b.input_shape) for b in blocks) == count_flops(model, (1, 28, 28))
-    assert L.decompose(arch, (1, 28, 28), dim=16) == blocks  # from the dict: the same blocks
+    assert L.decompose(arch, (1, 28, 28)) == blocks  # from the spec: the same blocks
+
+
+@pytest.mark.parametrize("space", [
+    SearchSpace(stem=8, stages=((8, 1, 1), (12, 2, 2), (16, 2, 2)), kernels=(3, 5), expands=(2, 3), widths=(0.5, 1.0)),
+    SearchSpace(stem=8, stem_stride=1, stages=((8, 1, 2), (16, 2, 2)), kernels=(3,), expands=(2,), head=32),
+    SearchSpace(in_channels=3, input_size=32)])
+def test_a_subnets_blocks_come_from_its_arch_as_from_the_extracted_network(space):
+    """``arch_blocks`` reads the genes (the space's resolved blocks); ``decompose`` runs the extracted
+    network: the same blocks, so a table filled from either predicts for both."""
+    net = Supernet(space, 16).eval()
+    rng = random.Random(0)
+    for arch in [largest(space), smallest(space), *(sample(space, rng) for _ in range(4))]:
+        shape = (space.in_channels, space.input_size, space.input_size)
+        assert L.arch_blocks(arch, space, 16) == L.decompose(net.extract(arch), shape)
+        assert all(b.module is None for b in L.arch_blocks(arch, space, 16))
 
 
 def test_decompose_refuses_what_it_does_not_know():
@@ -82,11 +90,11 @@ def test_keys_are_canonical_stable_and_distinct():
     assert stem.key() == (
         '{"batch":1,"config":{"bias":false,"cin":1,"cout":4,"groups":1,"kernel":[3,3],"padding":[1,1],"stride":[1,1]},'
         '"input":[1,28,28],"profile":"host-cpu-1thread","type":"conv_bn_relu"}')
-    assert stem.key() == L.decompose(L.build_model(MBN))[0].key()  # another instance, the same key
+    assert stem.key() == L.decompose(L.as_model(MBN, 1))[0].key()  # another instance, the same key
     keys = {stem.key(), stem.key(batch=8), stem.key(profile="host-cpu"), L.decompose(MBN, (1, 32, 32))[0].key(),
-            L.decompose({**MBN, "width": 0.5})[0].key()}
+            L.decompose(spec("mobilenet", width=0.5, depth=0.5))[0].key()}
     assert len(keys) == 5
-    blocks = L.decompose({"family": "resnet", "depth": 20, "width": 16})
+    blocks = L.decompose(spec("resnet", depth=20, width=16))
     distinct = {b.key() for b in blocks}
     assert len(distinct) == 7  # stem, 3 stage-1 (one key), 2 per later stage (first + repeats), head
     assert all(json.loads(k)["type"] in {"conv_bn_relu", "basic_block", "head"} for k in distinct)
@@ -121,7 +129,7 @@ def test_predictor_is_the_sum_of_entries_plus_the_overhead():
     t = _table_for(blocks)
     want = sum(0.125 * (i + 1) for i in range(len(blocks))) + 0.25
     assert L.predict_latency(MBN, t) == want
-    assert L.predict_latency(L.build_model(MBN), t) == want
+    assert L.predict_latency(L.as_model(MBN, 1), t) == want
     assert L.predict_latency(blocks, t) == want
     assert [ms for _, ms in L.predict_breakdown(blocks, t)] == [0.125 * (i + 1) for i in range(len(blocks))]
     t["entries"][blocks[0].key()]["p50_ms"] = 100.0  # only the table's statistic counts
@@ -153,54 +161,69 @@ def fake_measure(monkeypatch):
         return [{s: (0.5 if p.name.startswith("context") else 2.0) for s in L.STATS} | {"iterations": 7}
                 for p, _ in files], "fake runtime"
 
-    monkeypatch.setattr(L, "_export", export)
-    monkeypatch.setattr(L, "time_onnx_files", time_files)
+    monkeypatch.setattr(M, "_export", export)
+    monkeypatch.setattr(M, "time_onnx_files", time_files)
     return exported
 
 
 def test_measurement_is_incremental(fake_measure, tmp_path):
-    blocks = L.decompose({"family": "resnet", "depth": 14, "width": 8})
+    blocks = L.decompose(spec("resnet", depth=14, width=8))
     distinct = list({b.key(): b for b in blocks}.values())
     path = tmp_path / "lut.json"
-    L.measure_lut(blocks[:3], path)
+    M.measure_lut(blocks[:3], path)
     first = [n for n in fake_measure if n.startswith("block")]
     assert len(first) == len({b.key() for b in blocks[:3]}) == 2
     t = L.load_table(path)
     assert len(t["entries"]) == 2 and t["runtime"] == "fake runtime" and t["host"]["cpu"]
     assert all(e["trimmed_mean_ms"] == 1.5 and e["timed"]["p50_ms"] == 2.0 for e in t["entries"].values())
     fake_measure.clear()
-    L.measure_lut(blocks, path)
+    M.measure_lut(blocks, path)
     assert len([n for n in fake_measure if n.startswith("block")]) == len(distinct) - 2
     assert len(L.load_table(path)["entries"]) == len(distinct)
     fake_measure.clear()
-    t = L.measure_lut(blocks, L.load_table(path))
+    t = M.measure_lut(blocks, L.load_table(path))
     assert fake_measure == [] and len(t["entries"]) == len(distinct)
     with pytest.raises(HeteroError, match="one table per profile and batch"):
-        L.measure_lut(blocks, t, batch=8)
+        M.measure_lut(blocks, t, batch=8)
     with pytest.raises(HeteroError, match="ONNX FP32 profiles"):
-        L.measure_lut(blocks, None, profile="host-torch")
+        M.measure_lut(blocks, None, profile="host-torch")
 
 
-def test_missing_blocks_are_measured_on_request_and_overhead_is_the_calibrated_median(fake_measure, monkeypatch):
+def test_missing_blocks_are_measured_into_the_table_and_overhead_is_the_calibrated_median(fake_measure):
     t = L.new_table()
     with pytest.raises(L.MissingBlockError):
         L.predict_latency(MBN, t)
     measured = [{s: 10.0 for s in L.STATS}, {s: 20.0 for s in L.STATS}, {s: 9.0 for s in L.STATS}]
-    archs = [MBN, RES, {**MBN, "width": 0.5}]
-    over = L.calibrate_overhead(t, archs, measured=measured)
+    archs = [MBN, RES, spec("mobilenet", width=0.5, depth=0.5)]
+    over = M.calibrate_overhead(t, archs, measured=measured)
     sums = [1.5 * len(L.decompose(a)) for a in archs]
     assert over == sorted(m["trimmed_mean_ms"] - s for m, s in zip(measured, sums))[1]
     assert t["overhead"]["by_stat"]["p50_ms"] == over and len(t["overhead"]["calibration"]) == 3
-    other = {"family": "resnet", "depth": 14, "width": 12}
-    assert L.predict_latency(other, t, measure_missing=True) == 1.5 * len(L.decompose(other)) + over
+    assert t["overhead"]["calibration"][1]["model"] == RES.to_dict()  # a spec is named by its dict
+    M.calibrate_overhead(t, archs, measured=measured, labels=["a", "b", "c"])
+    assert [r["model"] for r in t["overhead"]["calibration"]] == ["a", "b", "c"]
+    other = spec("resnet", depth=14, width=12)
+    with pytest.raises(L.MissingBlockError, match="measure_lut"):
+        L.predict_latency(other, t)
+    M.measure_lut(L.decompose(other), t)
+    assert L.predict_latency(other, t) == 1.5 * len(L.decompose(other)) + over
 
 
-def test_the_predictor_needs_neither_export_nor_devices():
-    code = ("import sys; from hetero import latency_lut as L; a = {'family': 'mobilenet', 'width': 0.25, 'depth': 0.5}; "
+def test_the_predictor_imports_neither_export_nor_a_runner_nor_the_application():
+    """Table in, prediction out: the predictor and the evolution import no exporter, no runner, no
+    application code (read from the source), and predicting loads no exporter or runtime."""
+    from imports import imports, modules
+
+    graph = imports(modules())
+    for mod in ("hetero.nas.latency", "hetero.nas.evolution"):
+        assert not [d for d in graph[mod] if d.split(".")[0] in ("export", "devices") or d.startswith("hetero.app")]
+    code = ("import sys; from hetero.nas import latency as L; from hetero.models import ModelSpec; "
+            "a = ModelSpec('mobilenet', 128, {'width': 0.25, 'depth': 0.5}); "
             "bl = L.decompose(a); t = L.new_table(); t['overhead_ms'] = 1.0; "
             "t['entries'].update({b.key(): {'trimmed_mean_ms': 0.5} for b in bl}); "
             "assert L.predict_latency(a, t) == 0.5 * len(bl) + 1.0; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'export', 'devices', 'onnx', 'onnxruntime'}))")
+            "print(sorted({m for m in sys.modules if m.split('.')[0] in ('export', 'onnx', 'onnxruntime') "
+            "or m.startswith('hetero.app')}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -210,10 +233,10 @@ def test_a_real_measurement_on_onnxruntime_gives_positive_finite_timings(tmp_pat
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxslim")
-    arch = {"family": "mobilenet", "width": 0.125, "depth": 0.5}
-    blocks = L.decompose(arch, dim=8)[:1]
+    arch = spec("mobilenet", 8, width=0.125, depth=0.5)
+    blocks = L.decompose(arch)[:1]
     fast = dict(rounds=2, warmup=2, iters=5, budget_s=None)
-    t, (whole,) = L.measure(blocks, [L.build_model(arch, dim=8)], tmp_path / "lut.json", **fast)
+    t, (whole,) = M.measure(blocks, [arch], tmp_path / "lut.json", **fast)
     assert L.load_table(tmp_path / "lut.json") == t
     assert len(t["entries"]) == 1 and t["runtime"].startswith("onnxruntime") and t["settings"] == {"threads": 1}
     (e,) = t["entries"].values()

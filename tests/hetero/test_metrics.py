@@ -1,4 +1,4 @@
-"""hetero.metrics against a brute-force reference, hand-computed cases and every validation error.
+"""hetero.metrics and hetero.knn against a brute-force reference, hand-computed cases and every validation error.
 
 Random cases use integer vectors in [-1000, 1000]^d with d <= 16: every inner product is an
 integer below 2^24, so float32 computes it exactly whatever the BLAS summation order, and the
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hetero.errors import HeteroError
-from hetero.metrics import retrieval_metrics, search
+from hetero.knn import knn_search
+from hetero.metrics import retrieval_metrics
 
 # ---------------------------------------------------------------- brute-force reference
 
@@ -203,15 +204,15 @@ def test_queries_without_relevant_items_are_counted_and_excluded():
     assert got["map_at_r"] == pytest.approx((1 + 0.5 + 0.5) / 3, abs=1e-12)
 
 
-# ---------------------------------------------------------------- search vs brute force
+# ---------------------------------------------------------------- k-NN search vs brute force
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])
 @pytest.mark.parametrize("k,chunk_size", [(1, 1024), (5, 7), (20, 1)])
-def test_search_matches_brute_force(k, chunk_size, exclude_self):
+def test_knn_search_matches_brute_force(k, chunk_size, exclude_self):
     rng = np.random.default_rng(k)
     q, _, g, _ = make_case(rng, nq=40, ng=60, classes=3, dim=16, same_set=exclude_self)
-    scores, idx = search(q, g, k, exclude_self=exclude_self, chunk_size=chunk_size)
+    scores, idx = knn_search(q, g, k, exclude_self=exclude_self, chunk_size=chunk_size)
     assert scores.dtype == np.float32 and idx.dtype == np.int64
     assert scores.shape == idx.shape == (q.shape[0], k)
 
@@ -231,22 +232,22 @@ def test_search_matches_brute_force(k, chunk_size, exclude_self):
     np.testing.assert_array_equal(idx[no_ties], order[no_ties])
 
 
-def test_search_exclude_self_drops_last_when_self_is_not_found():
+def test_knn_search_exclude_self_drops_last_when_self_is_not_found():
     # Item 0 is not its own best match (item 1 and 2 score higher), so with k=1 it is not among
     # the k + 1 = 2 hits and the last one is dropped instead.
     x = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0]], dtype=np.float32)
-    scores, idx = search(x, x, 1, exclude_self=True)
+    scores, idx = knn_search(x, x, 1, exclude_self=True)
     assert idx[:, 0].tolist() == [1, 2, 1]
     assert scores[:, 0].tolist() == [3.0, 6.0, 6.0]
 
 
-def test_search_continuous_data_and_thread_setting_restored():
+def test_knn_search_continuous_data_and_thread_setting_restored():
     import faiss
 
     rng = np.random.default_rng(2)
     q, g = rng.standard_normal((30, 24)), rng.standard_normal((300, 24))
     before = faiss.omp_get_max_threads()
-    scores, idx = search(q, g, 10, chunk_size=8)
+    scores, idx = knn_search(q, g, 10, chunk_size=8)
     assert faiss.omp_get_max_threads() == before
     sims = q @ g.T
     np.testing.assert_allclose(scores, -np.sort(-sims, axis=1)[:, :10], rtol=0, atol=1e-5)
@@ -327,7 +328,7 @@ def test_retrieval_metrics_errors(name):
         ((Q, Q, 1), {"chunk_size": -2}, "chunk_size"),
     ],
 )
-def test_search_errors(args, kwargs, fragment):
+def test_knn_search_errors(args, kwargs, fragment):
     with pytest.raises(HeteroError) as info:
-        search(*args, **kwargs)
+        knn_search(*args, **kwargs)
     assert fragment in str(info.value) and "\n" not in str(info.value)

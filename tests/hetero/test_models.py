@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from hetero.cost import count_flops, count_params
 from hetero.errors import HeteroError
 from hetero.models import BACKBONES, CosineClassifier, ModelSpec, create_backbone, create_embedding_model, list_backbones
+from hetero.models.complexity import count_flops, count_params
 from hetero.registry import Registry
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clitest import one_line_error, run
-from hetero.cli import main
+from hetero.app.cli import main
 from hetero.errors import HeteroError
 
 SN = ["--data", "synthetic", "--limit", "600", "--val-size", "120", "--batch-size", "64", "--quiet"]
@@ -157,8 +157,8 @@ def test_latency_budget_from_the_look_up_table(tmp_path):
     """Latency predicted from the devices layer's table: blocks measured once into the file, overhead
     calibrated once, a second search reads the table and measures nothing; a table of another
     profile is refused. (A one-arch-per-gene tiny space keeps the ONNX exports few.)"""
-    from hetero import latency_lut as L
-    from hetero.nas.search import lut_latency
+    from hetero.app.search import latency_from_table as lut_latency
+    from hetero.nas import latency as L
     from hetero.nas.space import SearchSpace, largest, smallest
     from hetero.nas.supernet import Supernet
 
@@ -169,7 +169,8 @@ def test_latency_budget_from_the_look_up_table(tmp_path):
     ms = lut_latency(net, smallest(sp), lut, "host-cpu-1thread")
     table = L.load_table(lut)
     assert ms > 0 and table["overhead_ms"] is not None and table["profile"] == "host-cpu-1thread"
-    blocks = L.decompose(net.extract(largest(sp)), (1, 28, 28), 16)
+    blocks = L.decompose(net.extract(largest(sp)), (1, 28, 28))
+    assert L.arch_blocks(largest(sp), sp, 16) == blocks
     assert [b.type for b in blocks] == ["conv_bn_relu", "inverted_residual", "inverted_residual", "head"]
     assert not L.missing_blocks(blocks, table)  # the calibration subnets covered the largest one's blocks
     expect = sum(table["entries"][b.key("host-cpu-1thread", 1)][table["stat"]] for b in blocks) + table["overhead_ms"]
@@ -215,7 +216,8 @@ def test_every_width_that_fits_the_budget_starts_in_the_population(supernet, sav
 
     from hetero.checkpoint import load_checkpoint
     from hetero.data import load_dataset
-    from hetero.nas.search import Evaluator, SearchConfig, evolve, parse_budget
+    from hetero.app.search import Evaluator, SearchConfig
+    from hetero.nas.evolution import evolve, parse_budget
     from hetero.nas.space import smallest
     from hetero.nas.supernet import arch_flops
     from hetero.nas.train import load_supernet
@@ -225,10 +227,11 @@ def test_every_width_that_fits_the_budget_starts_in_the_population(supernet, sav
     ev = Evaluator(net, meta, load_checkpoint(saved / "cloud"), load_dataset("synthetic", "train"), cfg, progress=False)
     wide = max(net.space.widths)
     budget = 1.1 * arch_flops(smallest(net.space, wide), net.space, ev.dim)
-    best = evolve(ev, parse_budget(f"flops={budget / 1e6:.6f}M"), cfg, random.Random(0))
+    b = parse_budget(f"flops={budget / 1e6:.6f}M")
+    best = evolve(ev.candidates, net.space, b, cfg.evolution, random.Random(0))
     widths = {rec["arch"]["width"] for rec in ev.records.values()}
     assert widths == set(net.space.widths), widths
-    assert best["cost"] <= budget and all(rec["flops"] <= budget for rec in ev.records.values())
+    assert ev.cost(best, b) <= budget and all(rec["flops"] <= budget for rec in ev.records.values())
 
 
 def test_finetuning_the_finalists_chooses_among_the_proxys_top_n(supernet, saved, tmp_path, capsys):
@@ -256,3 +259,33 @@ def test_finetuning_the_finalists_chooses_among_the_proxys_top_n(supernet, saved
     code, _, err = run(capsys, "search", "--supernet", supernet, "--cloud", saved / "cloud", "--data", "synthetic",
                        "--budget", "params=40k", "--out", tmp_path / "bad", "--finetune-top", "-1", "--quiet")
     one_line_error(code, err, "--finetune-top")
+
+
+def test_the_evolution_runs_on_any_reward_and_cost():
+    """The evolution is pure: a made-up reward (more kernel area is better) under a FLOPs budget, no
+    data, no supernet. It returns the best scored arch that fits, warm-starts a second budget from the
+    first's candidates, and names the smallest achievable cost when nothing fits."""
+    import random
+
+    from hetero.nas.evolution import Candidates, EvolutionConfig, evolve, pareto_front, parse_budget
+    from hetero.nas.space import SearchSpace, largest, smallest
+    from hetero.nas.supernet import arch_flops
+
+    sp = SearchSpace(stem=8, stages=((8, 1, 1), (12, 2, 2), (16, 2, 2)), kernels=(3, 5), expands=(2, 3), widths=(0.5, 1.0))
+    flops = lambda a, b: float(arch_flops(a, sp, 16))  # noqa: E731
+    reward = lambda a: sum(k * k for i, row in enumerate(a.kernels) for k in row[:a.depths[i]])  # noqa: E731
+    cand = Candidates(reward, flops)
+    mid = (flops(smallest(sp), None) + flops(largest(sp), None)) / 2
+    budget = parse_budget(f"flops={mid / 1e6:.6f}M")
+    cfg = EvolutionConfig(population=6, generations=2)
+    best = evolve(cand, sp, budget, cfg, random.Random(0))
+    fits = [(r, a) for a, r in cand.scores.values() if flops(a, None) <= budget.value]
+    assert flops(best, None) <= budget.value and reward(best) == max(r for r, _ in fits)
+    assert evolve(Candidates(reward, flops), sp, budget, cfg, random.Random(0)) == best  # seeded
+    looser = evolve(cand, sp, parse_budget(f"flops={1.1 * mid / 1e6:.6f}M"), EvolutionConfig(population=6, generations=0),
+                    random.Random(1))
+    assert reward(looser) >= reward(best)  # the looser budget starts from the first one's best
+    with pytest.raises(HeteroError, match="no architecture in the space meets flops=1k: the smallest achievable is"):
+        evolve(cand, sp, parse_budget("flops=1k"), cfg, random.Random(0))
+    recs = [{"flops": f, "map_at_r": m} for f, m in ((3, 0.5), (1, 0.2), (2, 0.1), (4, 0.6), (5, 0.55))]
+    assert pareto_front(recs) == [1, 0, 3]

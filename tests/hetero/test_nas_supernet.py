@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from hetero.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from hetero.cost import count_flops, count_params
 from hetero.data import FASHION_MNIST_PREPROCESS
 from hetero.errors import HeteroError
 from hetero.models import ModelSpec, create_backbone
+from hetero.models.complexity import count_flops, count_params
 from hetero.nas import Arch, SearchSpace, Supernet, arch_flops, arch_params, crossover, largest, mutate, recalibrate_bn
 from hetero.nas import sample, smallest
 
@@ -281,7 +281,7 @@ def test_last_conv_head_extracts_and_counts_exactly():
     """``head``: MobileNetV3's last 1x1 conv at a fixed width, sliced on its input like every layer;
     a stride-1 stem too (the hand-designed MobileNet's layout). Extract equals the supernet, the cost
     model equals the FLOP counter, and the latency table decomposes it."""
-    from hetero.latency_lut import decompose
+    from hetero.nas.latency import decompose
 
     sp = replace(TINY, head=32, stem_stride=1)
     net = make_net(sp)  # BN statistics and affine parameters that are not the identity, the head's too
@@ -296,7 +296,7 @@ def test_last_conv_head_extracts_and_counts_exactly():
             torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)
         assert arch_flops(a, sp, DIM) == count_flops(m, (1, 28, 28))
         assert arch_params(a, sp, DIM) == count_params(m)
-        assert [b.type for b in decompose(m, (1, 28, 28), DIM)][-2:] == ["conv_bn_relu", "head"]
+        assert [b.type for b in decompose(m, (1, 28, 28))][-2:] == ["conv_bn_relu", "head"]
     assert SearchSpace.from_dict({k: v for k, v in SPACE.to_dict().items() if k != "head"}).head == 0  # older files
     with pytest.raises(HeteroError, match="space.head"):
         SearchSpace(head=-1)

@@ -24,7 +24,7 @@ def test_shipped_cloud_loads_verified_with_provenance():
 
 
 def test_unknown_name_and_foreign_data_are_refused():
-    from hetero.demo import _pretrained_cloud
+    from hetero.app.demo import _pretrained_cloud
 
     with pytest.raises(HeteroError, match="no shipped checkpoint named 'imagenet'"):
         load_pretrained("imagenet")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from hetero._resume import INFO, STATE, read_state
 from clitest import one_line_error, run
-from hetero.cli import main
+from hetero.app.cli import main
 from hetero.errors import HeteroError
 
 # 3 epochs of 30 steps: the first state appears at step 7, long before the first epoch ends

@@ -325,7 +325,7 @@ def test_loading_everything_into_memory_has_a_limit(folder, monkeypatch):
 
 def test_cli_train_export_evaluate_verify_on_streamed_folder(tmp_path, monkeypatch, capsys):
     """The CLI end to end on a streamed ImageFolder, decoded in a worker and cached."""
-    from hetero.cli import main
+    from hetero.app.cli import main
 
     monkeypatch.setenv("HETERO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HETERO_IMAGE_CACHE", "1")

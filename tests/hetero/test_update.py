@@ -2,7 +2,7 @@
 old model's space, so the old gallery keeps working: new->old beats an independent new model."""
 import pytest
 
-from hetero.evaluate import score_models
+from hetero.app.evaluate import score_models
 from hetero.train import TrainConfig, train_cloud, train_edge
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from clitest import PERMISSIVE_GATES, one_line_error, run
-from hetero.cli import main
+from hetero.app.cli import main
 from hetero.errors import HeteroError
-from hetero.verify.gates import DEFAULTS, load_gates, parse_gates, thresholds_for
-from hetero.verify.score import Scorer, top_overlap
+from hetero.app.verify.gates import DEFAULTS, load_gates, parse_gates, thresholds_for
+from hetero.app.verify.score import Scorer
+from hetero.compare import topk_overlap
 
 
 
@@ -117,7 +118,7 @@ def test_scorer_top_overlap_and_approximate_index():
     q = g[:200] + 0.05 * rng.standard_normal((200, 16)).astype(np.float32)
     ql = gl[:200]
     a = np.array([[1, 2, 3], [4, 5, 6]])
-    assert top_overlap(a, np.array([[3, 2, 9], [7, 8, 9]])) == pytest.approx(2 / 6)
+    assert topk_overlap(a, np.array([[3, 2, 9], [7, 8, 9]])) == pytest.approx(2 / 6)
     exact = Scorer(g, gl, ql, q)
     hnsw = Scorer(g, gl, ql, q, index="hnsw")
     assert exact.search_info["label"] == "exact" and exact.search_info["recall_at_10_vs_exact"] is None
@@ -263,7 +264,7 @@ def test_readme_gates_block_is_the_defaults():
 
 def test_gates_that_check_nothing_are_found():
     """Every gate at (or beyond) the end of its metric's range cannot fail; the defaults check something."""
-    from hetero.verify.gates import GATES, no_op_gates, no_op_note
+    from hetero.app.verify.gates import GATES, no_op_gates, no_op_note
 
     assert no_op_gates(parse_gates({})) == []
     idle = no_op_gates(parse_gates({"all": {"compatibility_criterion": False, "max_gap_to_paragon": 1,
@@ -284,13 +285,13 @@ def test_gates_that_check_nothing_are_found():
                                  "max_negative_flip_rate_vs_torch": 1.0, "min_map_at_r": 0.0, "min_drift_cosine": -1.0,
                                  "min_p01_drift_cosine": -1.0, "min_top10_overlap": 0.0, "min_top10_overlap_paragon": 0.0}})
     assert {g["gate"] for g in no_op_gates(every) if g["where"] == "all"} == set(GATES)
-    from hetero.verify.gates import check_gates
+    from hetero.app.verify.gates import check_gates
 
     assert all(g["passed"] for g in check_gates(worst, every["all"]))
 
 
 def test_required_pairs_are_parsed_and_judged():
-    from hetero.verify.run import _required_status, parse_required
+    from hetero.app.verify.run import _required_status, parse_required
 
     man = {"artifacts": [{"format": "onnx", "export_format": "onnx", "file": "edge.onnx"},
                          {"format": "coreml", "export_format": "coreml-fp16", "file": "edge.fp16.mlpackage"}]}

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from hetero.errors import HeteroError
-from hetero.verify import plots
-from hetero.verify.html import render_html
+from hetero.app.verify import plots
+from hetero.app.verify.html import render_html
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt & tie", "Sneaker", "Bag", "Ankle boot"]
 SKIP_REASON = "tensorrt is not installed <b>bold</b>; install it with: pip install 'hetero[tensorrt]'"

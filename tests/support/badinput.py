@@ -91,7 +91,7 @@ def cli(*argv, module: str = "hetero", cwd: Path | None = None, env: dict[str, s
         p.changed = changes(before)
         return p
     if module == "hetero":
-        from hetero.cli import main
+        from hetero.app.cli import main
     else:
         from devices.__main__ import main
     out, err = io.StringIO(), io.StringIO()

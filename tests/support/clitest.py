@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hetero.cli import main
+from hetero.app.cli import main
 
 # gates that a tiny model passes whatever its training landed on (the gates themselves are tested on
 # their own): the verdict is PASS by construction, and a test checks what the report says, not a threshold

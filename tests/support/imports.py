@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("devices", "hetero", "export")
 LAYERS = ("devices", "core", "export", "app")
-APP = ("hetero.cli", "hetero.__main__", "hetero.demo", "hetero.evaluate", "hetero.verify", "hetero.report")
+APP = ("hetero.app", "hetero.__main__")
+FRONT = "hetero"  # the package itself: its Python API names load from hetero.app on first use (``_API``)
 
 
 def modules() -> dict[str, Path]:
@@ -31,6 +32,8 @@ def layer(mod: str) -> str:
         return "devices"
     if mod.split(".")[0] == "export":
         return "export"
+    if mod == FRONT:
+        return "app"
     return "app" if any(mod == a or mod.startswith(a + ".") for a in APP) else "core"
 
 
@@ -50,14 +53,25 @@ def imports(known: dict[str, Path]) -> dict[str, set[str]]:
                     pkg = mod.split(".") if is_pkg else mod.split(".")[:-1]
                     pkg = pkg[: len(pkg) - (node.level - 1)]
                     base = ".".join([*pkg, base] if base else pkg)
-                names = [f"{base}.{a.name}" for a in node.names] + [base]
+                # `from pkg import mod` depends on pkg.mod (and runs pkg/__init__ first, as any import
+                # of pkg.x does); `from pkg import name` of a non-module depends on pkg itself
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
             for name in names:
                 while name and name not in known:  # `from pkg import function`: the module is pkg
                     name = name.rpartition(".")[0]
                 if name and name != mod:
                     deps.add(name)
+        if mod == FRONT:  # the lazily loaded API: `_API = {name: module under hetero.app}`
+            deps |= {f"hetero.app.{m}" for m in _api_table(f)}
         graph[mod] = deps
     return graph
+
+
+def _api_table(f: Path) -> set[str]:
+    for node in ast.parse(f.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_API" for t in node.targets):
+            return {v.value for v in node.value.values if isinstance(v, ast.Constant)}
+    return set()
 
 
 def cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:

@@ -46,10 +46,11 @@ class Server:
 
 
 def isolate(monkeypatch, tmp_path: Path, url: str) -> Path:
-    """Lookups see an empty HOME, no HETERO_DATA, no system dataset; downloads go to ``url``."""
+    """Lookups see an empty HOME and cache, no HETERO_DATA, no system dataset; downloads go to ``url``."""
     from hetero.data import fashion_mnist as fm
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HETERO_CACHE", str(tmp_path / "home" / ".cache" / "hetero"))
     monkeypatch.delenv("HETERO_DATA", raising=False)
     monkeypatch.setenv(fm.URL_ENV, url)
     monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "no-system")
