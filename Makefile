@@ -44,7 +44,7 @@ ssh:
 		fi; \
 	fi
 
-# Debian's chromium for tests/hetero/test_verify_html.py, which renders verify's HTML report headless
+# Debian's chromium for tests/app/test_verify_html.py, which renders verify's HTML report headless
 # and screenshots it (the test skips without it); best effort, only as root.
 browser:
 	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from export import export_checkpoint
-from export.base import fidelity
+from export.formats import fidelity
+from hetero.app.report import host_info
 from hetero.checkpoint import load_checkpoint
 from hetero.data import load_dataset
-from hetero.app.report import host_info
 
 
 def main() -> int:

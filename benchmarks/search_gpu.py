@@ -6,7 +6,7 @@ beforehand. Both sides of the comparison get the same edge epochs, as benchmarks
 does. The benchmark's state is resumable, so a run cut short by the deadline can be finished
 elsewhere with the same flags (``--supernet-epochs``/``--edge-epochs`` as printed).
 
-    HETERO_DEVICE=cuda python benchmarks/search_gpu.py --seconds 520 --work runs/bench-search-gpu \\
+    HETERO_TRAIN_DEVICE=cuda python benchmarks/search_gpu.py --seconds 520 --work runs/bench-search-gpu \\
         --out runs/search-gpu.json --space benchmarks/search_space_head128.json
 
 ``--work`` must already hold the cloud (``cloud-trained/``), as left by a benchmarks/search.py run

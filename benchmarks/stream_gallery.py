@@ -227,7 +227,7 @@ def main() -> None:
     subprocess.run([sys.executable, __file__, "--generate-only", "--n", str(args.n), "--root", args.root,
                     "--gen-procs", str(args.gen_procs)], check=True)
     if args.workers is None:
-        from hetero.data.lazy import default_workers
+        from hetero.data.folder_images import default_workers
 
         args.workers = default_workers()
     os.environ.setdefault("HETERO_CACHE", str(Path(args.root).parent / f".{Path(args.root).name}-cache"))

@@ -35,10 +35,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.base import INPUT_NAME, OUTPUT_NAME, ExportJob, FormatCannotExpress, register_exporter
-from export.coreml_package import (DEFAULT_LICENSE, DEPLOYMENT_TARGET, MIN_SPEC_VERSION, OUTPUT_DESC, PENDING,
-                                   WEIGHT_FILE, emulated_fidelity, import_coremltools, package_entry, program_ops,
-                                   quiet_coremltools, read_spec, weight_summary, write_metadata)
+from export.coreml_package import (
+    DEFAULT_LICENSE,
+    DEPLOYMENT_TARGET,
+    MIN_SPEC_VERSION,
+    OUTPUT_DESC,
+    PENDING,
+    WEIGHT_FILE,
+    emulated_fidelity,
+    import_coremltools,
+    package_entry,
+    program_ops,
+    quiet_coremltools,
+    read_spec,
+    weight_summary,
+    write_metadata,
+)
+from export.formats import INPUT_NAME, OUTPUT_NAME, ExportJob, FormatCannotExpress, register_exporter
 from hetero.errors import HeteroError, require
 
 # public names, those of export.coreml_package included: importable from export.coreml as before the split

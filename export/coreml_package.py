@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from devices.coreml_interp import Interpreter, pixels_from_preprocessed
 from devices.errors import DeviceError
-from export.base import (
+from export.formats import (
     INPUT_NAME,
     OUTPUT_NAME,
     ExportJob,
@@ -34,6 +33,7 @@ from export.base import (
     io_spec,
     measured_fidelity,
     pending_fidelity,
+    runner_embeddings,
 )
 from hetero.errors import HeteroError, require
 from hetero.version import __version__
@@ -212,17 +212,17 @@ def _weight_bytes(path: Path) -> int | None:
 
 
 def emulated_fidelity(job: ExportJob, path: Path, kind: str, image: dict[str, Any] | None) -> dict[str, Any]:
-    """Fidelity of the saved package vs torch on ``job.check_inputs``, run by hetero's Core ML
-    interpreter (label ``emulated``); ``pending`` with the reason if the interpreter cannot run it.
-    An artifact that breaks the model (NaN/Inf outputs, mean cosine < 0.9) raises FormatBreaksModel."""
+    """Fidelity of the saved package vs torch on ``job.check_inputs``, run by the ``coreml-interp``
+    runner, hetero's Core ML interpreter (label ``emulated``): the runner verify uses. ``pending``
+    with the reason if the interpreter cannot run it. An artifact that breaks the model (NaN/Inf
+    outputs, mean cosine < 0.9) raises FormatBreaksModel."""
     fmt = job.current_format or "coreml"
-    x = job.check_inputs
+    inp, _ = io_spec(job)
+    entry: dict[str, Any] = {"format": "coreml", "input_kind": kind}
+    if kind == "image":  # the runner maps the preprocessed check inputs back to pixel values
+        entry["input"] = {**inp, "scale": image["scale"], "bias": image["bias"]}
     try:
-        interp = Interpreter.from_package(path)
-        if kind == "image":
-            x = pixels_from_preprocessed(x, image["scale"], image["bias"])
-        got = interp.run_batched(x)
-        runtime = f"hetero Core ML interpreter (numpy, emulated) on coremltools {import_coremltools().__version__}"
+        got, runtime = runner_embeddings(job, path, "coreml-interp", entry)
     except DeviceError as e:
         return pending_fidelity(f"{PENDING}: {e}")
     bad = int((~np.isfinite(got)).any(axis=1).sum())

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.base import (
+from export.formats import (
     INPUT_NAME,
     OUTPUT_NAME,
     ExportJob,
@@ -129,7 +129,7 @@ def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
 def onnx_entry(job: ExportJob, path: Path, precision: str, made_from: str, *, fmt: str = "onnx",
                **extra: Any) -> dict[str, Any]:
     """Manifest entry of an ONNX-family file, with its fidelity measured through the devices onnxruntime
-    runner (CPU provider). An ONNX file first gets hetero's metadata (:func:`export.base.artifact_metadata`)."""
+    runner (CPU provider). An ONNX file first gets hetero's metadata (:func:`export.formats.artifact_metadata`)."""
     import onnx  # optional (hetero[onnx]): for the versions the entry records
     import onnxruntime  # optional (hetero[onnx]), likewise
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from export.base import INPUT_NAME, ExportJob, register_exporter
+from export.formats import INPUT_NAME, ExportJob, register_exporter
 from export.onnx import onnx_entry
 from hetero.errors import HeteroError, require
 

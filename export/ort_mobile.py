@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from devices.artifact import sha256_path
-from export.base import ExportJob, register_exporter
+from export.formats import ExportJob, register_exporter
 from export.onnx import onnx_entry
 from hetero.errors import HeteroError, require
 
@@ -26,7 +26,9 @@ def ort_from_onnx(src: str | Path, out_dir: str | Path, name: str, *, optimizati
     """Write ``<name>.ort`` and ``<name>.required_operators.config`` into ``out_dir``."""
     require("onnxruntime", "onnx")
     from onnxruntime.tools.convert_onnx_models_to_ort import (  # optional (hetero[onnx]), imported on use
-        OptimizationStyle, convert_onnx_models_to_ort)
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
 
     if optimization not in OPTIMIZATIONS:
         raise HeteroError(f"unknown ORT optimisation style {optimization!r}; choose one of: {', '.join(OPTIMIZATIONS)}")

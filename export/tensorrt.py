@@ -23,8 +23,17 @@ import numpy as np
 import torch
 
 from devices.errors import DeviceError
-from export.base import (INPUT_NAME, ExportJob, FormatCannotExpress, artifact_entry, io_spec, measured_fidelity,
-                         pending_fidelity, register_exporter, runner_embeddings)
+from export.formats import (
+    INPUT_NAME,
+    ExportJob,
+    FormatCannotExpress,
+    artifact_entry,
+    io_spec,
+    measured_fidelity,
+    pending_fidelity,
+    register_exporter,
+    runner_embeddings,
+)
 from export.tensorrt_build import build_engine
 from export.tensorrt_preflight import FORMAT, preflight, preflight_message, preflight_summary
 from export.tensorrt_trtexec import profile_shapes, trtexec_command

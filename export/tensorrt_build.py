@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from export.base import INPUT_NAME
+from export.formats import INPUT_NAME
 from hetero.errors import HeteroError
 
 

@@ -5,7 +5,7 @@ Nothing here does anything in a single process: ``init`` only starts a process g
 that writes (checkpoints, resume state, reports, progress bars); the others compute and wait.
 
 The device is ``cuda:LOCAL_RANK`` (backend nccl) when the process group spans several processes and
-CUDA is available, else the CPU (backend gloo); ``HETERO_DEVICE=cpu`` forces the CPU.
+CUDA is available, else the CPU (backend gloo); ``HETERO_TRAIN_DEVICE=cpu`` forces the CPU.
 """
 from __future__ import annotations
 
@@ -52,11 +52,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
+TRAIN_DEVICE_ENV = "HETERO_TRAIN_DEVICE"  # where training runs; the runtime devices of artifacts are another thing
+OLD_TRAIN_DEVICE_ENV = "HETERO_DEVICE"  # its name before issue 22, still read
+
+
 def device() -> torch.device:
-    """Where this process trains: its own GPU under torchrun when CUDA is there, else the CPU."""
-    want = os.environ.get("HETERO_DEVICE", "").strip().lower()
+    """Where this process trains: its own GPU under torchrun when CUDA is there, else the CPU;
+    ``$HETERO_TRAIN_DEVICE`` (cpu or cuda) chooses."""
+    name = TRAIN_DEVICE_ENV if os.environ.get(TRAIN_DEVICE_ENV) else OLD_TRAIN_DEVICE_ENV
+    want = os.environ.get(name, "").strip().lower()
     if want not in ("", "cpu", "cuda"):
-        raise HeteroError(f"$HETERO_DEVICE must be cpu or cuda, got {want!r}")
+        raise HeteroError(f"${name} must be cpu or cuda, got {want!r}")
     if want == "cpu" or not torch.cuda.is_available() or (want == "" and not launched()):
         return torch.device("cpu")
     return torch.device("cuda", _env_int("LOCAL_RANK", 0) % torch.cuda.device_count())

@@ -74,7 +74,7 @@ def cached_embeddings(ckpt, ds: ImageSet, *, progress: bool = True, directory: P
 
 def embed_on_training_device(model: torch.nn.Module, ds: ImageSet, prep: Preprocess, **kw) -> np.ndarray:
     """:func:`embed_images` on the device training runs on (:func:`hetero.distributed.device`: a GPU
-    with ``HETERO_DEVICE=cuda`` or under torchrun), so a GPU run does not embed its cloud targets on
+    with ``HETERO_TRAIN_DEVICE=cuda`` or under torchrun), so a GPU run does not embed its cloud targets on
     the CPU. A CPU model is moved there for the pass and back afterwards."""
     dev = distributed.device()
     here = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -75,7 +75,7 @@ def test_every_relative_link_resolves():
 
 
 def test_gates_examples_are_valid():
-    """The README's block is the defaults (tests/hetero/test_verify.py); the guide's example is a valid
+    """The README's block is the defaults (tests/app/test_verify.py); the guide's example is a valid
     gates file that changes some of them."""
     from hetero.app.verify.gates import DEFAULTS, parse_gates
 

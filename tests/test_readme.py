@@ -31,7 +31,7 @@ SHRINK = {
     "search": ["--data", "synthetic", "--population", "2", "--generations", "0", "--quiet"],
 }
 # one-epoch tiny models miss the project's default gates (gap, flips): the shrunk runs check that the
-# commands work, with gates loose enough to pass; tests/hetero/test_verify.py tests the gates themselves
+# commands work, with gates loose enough to pass; tests/app/test_verify.py tests the gates themselves
 LOOSE_GATES = "[all]\ncompatibility_criterion = false\nmax_gap_to_paragon = 1.0\nmax_negative_flip_rate = 1.0\n" + "".join(
     f"[precision.{p}]\nmin_drift_cosine = 0.0\nmin_top10_overlap = 0.0\n" for p in ("fp32", "fp16", "int8"))
 SHRINK_TRAIN_CLOUD = ["--cloud-epochs", "1", "--cloud-model", "test_resnet"]  # demo --train-cloud

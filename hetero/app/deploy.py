@@ -18,7 +18,7 @@ from devices.schema import CHECKPOINT_FILE
 from devices.standalone import bench_export
 from devices.standalone import pack_runner as _pack_runner
 from export import EXPORTERS, export_checkpoint, exporter
-from export.api import check_export_dest
+from export.run import check_export_dest
 from hetero._atomic import check_output_file, write_json_atomic
 from hetero.checkpoint import Checkpoint, check_same_space, load_checkpoint
 from hetero.data import load_dataset
@@ -152,7 +152,7 @@ def bench(path: str | Path, *, runtime: str | None = None, precision: str | None
         raise HeteroError(f"{path} is neither an export directory, a checkpoint directory nor a latency JSON")
     if runtime is None and not profile and (p / CHECKPOINT_FILE).is_file():
         runtime = "torch"  # a checkpoint: the reference runner
-    common = dict(runtime=runtime, precision=precision, fmt=fmt, profile=profile, batch_sizes=tuple(batch_sizes),
+    common = dict(runtime=runtime, precision=precision, fmt=fmt, profile=profile, batch_sizes=tuple(sorted(set(batch_sizes))),
                   iters=iters, budget_s=budget_s, warmup=warmup)
     if remote is not None:  # the profile is resolved there, against the remote host's runtimes
         return LatencyResult(remote_bench(p, remote.host, **common, threads=threads, port=remote.port,

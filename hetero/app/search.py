@@ -162,7 +162,7 @@ class Evaluator:
         if key in self.records:
             return self.records[key]
         t0 = time.perf_counter()
-        dev = distributed.device()  # a GPU with HETERO_DEVICE=cuda; the supernet goes back to the CPU after
+        dev = distributed.device()  # a GPU with HETERO_TRAIN_DEVICE=cuda; the supernet goes back to the CPU after
         self.net.to(dev).set_active(arch)
         try:
             recalibrate_bn(self.net, self.calib)

@@ -22,8 +22,8 @@ from devices.images import IMAGE_EXTENSIONS, is_image_file, list_images
 from hetero._progress import progress_bar
 from hetero.data._decode import GREY_MODES, load_one, probe_mode, shown
 from hetero.data._decode import load_one as _load_one  # noqa: F401  (its old name)
+from hetero.data.folder_images import FolderImages
 from hetero.data.imageset import ImageSet
-from hetero.data.lazy import FolderImages
 from hetero.errors import HeteroError
 
 DEFAULT_SIZE = 32
@@ -135,7 +135,7 @@ def load_image_folder(
     folders of more than ``_PROGRESS_MIN`` images (``--quiet`` turns it off).
 
     Indexing stats every file and reads its header (an unreadable file fails here); the pixels are
-    decoded per batch (``ImageSet.images`` is a :class:`~hetero.data.lazy.FolderImages`), in
+    decoded per batch (``ImageSet.images`` is a :class:`~hetero.data.folder_images.FolderImages`), in
     ``num_workers`` DataLoader processes (default: see ``default_workers``), so memory is bounded by
     the batch, not the folder. ``cache`` (default ``$HETERO_IMAGE_CACHE``) decodes the split once
     into a uint8 file under ``<hetero cache>/images`` that later runs read instead of the images.

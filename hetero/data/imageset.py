@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from devices.artifact import MAX_IMAGE_SIZE
-from hetero.data.lazy import FolderImages
+from hetero.data.folder_images import FolderImages
 from hetero.errors import HeteroError
 
 # ITU-R BT.601 luma weights, the same PIL uses for RGB -> L.
@@ -101,7 +101,7 @@ FASHION_MNIST_PREPROCESS = Preprocess(28, 1, (0.2860,), (0.3530,))
 class ImageSet:
     """Labelled images: uint8 ``[N, H, W, C]`` and int64 labels ``[N]``.
 
-    ``images`` is an array in memory, or (an ImageFolder) a :class:`~hetero.data.lazy.FolderImages`
+    ``images`` is an array in memory, or (an ImageFolder) a :class:`~hetero.data.folder_images.FolderImages`
     that decodes the rows it is indexed with; ``len``, ``subset``, ``conform``, ``digest`` and
     :func:`~hetero.data.iterate_batches` stream it, ``np.asarray(images)`` loads it all (up to a limit).
     """

@@ -112,7 +112,7 @@ def iterate_batches(
     passes its own order. Arguments are checked at call time, not at the first ``next``.
 
     A lazy set (an ImageFolder) is decoded batch by batch, in ``num_workers`` DataLoader processes
-    (default: the set's own setting, else ``hetero.data.lazy.default_workers()``); the batches, and
+    (default: the set's own setting, else ``hetero.data.folder_images.default_workers()``); the batches, and
     the augmentation drawn in this process, are the same whatever the number of workers.
     """
     want = (prep.size, prep.size, prep.channels)

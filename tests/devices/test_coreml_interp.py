@@ -16,18 +16,21 @@ import coremltools as ct  # noqa: E402
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 
 import devices.coreml_interp as ci  # noqa: E402
-from devices import DeviceError, create_runner  # noqa: E402
-from devices import coreml_runner  # noqa: E402,F401  (registers the runners)
+from devices import (  # noqa: E402
+    DeviceError,
+    coreml_runner,  # noqa: E402,F401  (registers the runners)
+    create_runner,
+)
 from devices.coreml_interp import InputSpec, Interpreter, load_program  # noqa: E402
 from devices.runner import RUNNERS  # noqa: E402
 from export import export_checkpoint  # noqa: E402
-from export.base import FormatBreaksModel  # noqa: E402
-from hetero.nas.subnet import NasMobileNetV3
+from export.formats import FormatBreaksModel  # noqa: E402
 from hetero.checkpoint import Checkpoint  # noqa: E402
 from hetero.data import Preprocess  # noqa: E402
 from hetero.models import ModelSpec, create_backbone, create_embedding_model, list_backbones  # noqa: E402
 from hetero.models.mobilenet import MobileNet  # noqa: E402
 from hetero.models.resnet import CifarResNet  # noqa: E402
+from hetero.nas.subnet import NasMobileNetV3
 
 pytestmark = pytest.mark.coreml
 

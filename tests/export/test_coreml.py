@@ -17,7 +17,7 @@ from coremltools.proto import MIL_pb2  # noqa: E402
 
 from devices.artifact import sha256_path  # noqa: E402
 from export import export_checkpoint  # noqa: E402
-from export.base import FormatCannotExpress  # noqa: E402
+from export.formats import FormatCannotExpress  # noqa: E402
 from hetero.checkpoint import load_checkpoint  # noqa: E402
 from hetero.data import Preprocess  # noqa: E402
 from hetero.errors import HeteroError  # noqa: E402

@@ -17,7 +17,7 @@ from devices import DeviceError, Runner, open_artifact
 from devices.artifact import sha256_path
 from devices.runner import RUNNERS
 from export import export_checkpoint
-from export.base import FormatCannotExpress
+from export.formats import FormatCannotExpress
 from export.tensorrt_preflight import load_table, preflight
 from export.tensorrt_trtexec import profile_shapes, trtexec_command
 from hetero.checkpoint import load_checkpoint
@@ -226,15 +226,15 @@ def test_graph_tensorrt_cannot_express(tmp_path, saved, monkeypatch):
     assert msg.startswith(f"tensorrt cannot express op 'Conv' (nodes {conv}, ") and "more): " in msg
     assert "injected for the test" in msg and "\n" not in msg and not (tmp_path / "explicit").exists()
 
-    import export.api
+    import export.run
 
-    real = export.api.default_formats
+    real = export.run.default_formats
 
     def onnx_family(**kw):  # the default set, less the slow formats that do not bear on this test
         ok, skipped = real(**kw)
         return [f for f in ok if f in ("onnx", "onnx-fp16", "tensorrt")], skipped
 
-    monkeypatch.setattr(export.api, "default_formats", onnx_family)
+    monkeypatch.setattr(export.run, "default_formats", onnx_family)
     m = export_checkpoint(edge, tmp_path / "all", formats=None)
     assert m["export"]["requested"] is None  # the default set: a format that cannot express the graph is skipped
     skipped = {s["format"]: s["reason"] for s in m["skipped"]}
@@ -379,7 +379,7 @@ def test_built_entry_on_a_gpu_host_stand_in(tmp_path, exported, monkeypatch):
     exporter gives it."""
     import torch
 
-    from export.base import ExportJob
+    from export.formats import ExportJob
 
     edge, out, _ = exported
     x = np.random.default_rng(0).standard_normal((40, *edge.input_shape)).astype(np.float32)

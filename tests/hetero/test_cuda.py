@@ -1,4 +1,4 @@
-"""The CUDA paths: embedding on the model's device, training with HETERO_DEVICE=cuda, and the NAS
+"""The CUDA paths: embedding on the model's device, training with HETERO_TRAIN_DEVICE=cuda, and the NAS
 search scoring its candidates on the GPU, each against the same thing on the CPU. Skipped where
 torch sees no CUDA device (every CPU-only machine, CI's included)."""
 from __future__ import annotations
@@ -29,7 +29,7 @@ def test_embed_images_runs_a_gpu_model_and_matches_the_cpu(tiny_cloud, synth):
 def test_cloud_targets_are_embedded_on_the_training_device_and_the_model_comes_back(tiny_cloud, synth, monkeypatch, tmp_path):
     from hetero.embed import cloud_targets, embed_images
 
-    monkeypatch.setenv("HETERO_DEVICE", "cuda")
+    monkeypatch.setenv("HETERO_TRAIN_DEVICE", "cuda")
     got = np.asarray(cloud_targets(tiny_cloud, synth[1], progress=False, directory=tmp_path))
     assert next(tiny_cloud.model.parameters()).device.type == "cpu"
     want = embed_images(tiny_cloud.model, synth[1], tiny_cloud.preprocess, progress=False)
@@ -43,9 +43,9 @@ def test_train_edge_on_the_gpu_learns_and_returns_a_cpu_model(tiny_cloud, synth,
     from hetero.train import TrainConfig, train_edge
 
     cfg = TrainConfig(model="test_mobilenet", dim=16, epochs=5, batch_size=32, losses={"influence": 1.0, "alignment": 1.0})
-    monkeypatch.setenv("HETERO_DEVICE", "cuda")
+    monkeypatch.setenv("HETERO_TRAIN_DEVICE", "cuda")
     gpu = train_edge(cfg, tiny_cloud, synth[0], progress=False)
-    monkeypatch.setenv("HETERO_DEVICE", "cpu")
+    monkeypatch.setenv("HETERO_TRAIN_DEVICE", "cpu")
     cpu = train_edge(cfg, tiny_cloud, synth[0], progress=False)
     assert all(p.device.type == "cpu" for p in gpu.model.parameters())
     # the same recipe on either device: GPU kernels differ in the last bits, not in what is learnt. A tiny
@@ -74,13 +74,13 @@ def test_search_scores_a_candidate_on_the_gpu_as_on_the_cpu(saved, synth, tmp_pa
     from hetero.nas.train import SupernetConfig, load_supernet, train_supernet
 
     cloud = load_checkpoint(saved / "cloud")
-    monkeypatch.setenv("HETERO_DEVICE", "cuda")
+    monkeypatch.setenv("HETERO_TRAIN_DEVICE", "cuda")
     train_supernet(SupernetConfig(epochs=1, batch_size=64, val_size=120, space=small_space), cloud, synth[0],
                    tmp_path / "sn", progress=False)
     net, meta = load_supernet(tmp_path / "sn")
     arch = largest(net.space)
     got = Evaluator(net, meta, cloud, synth[0], SearchConfig(), progress=False).reward(arch)
     assert next(net.parameters()).device.type == "cpu"
-    monkeypatch.setenv("HETERO_DEVICE", "cpu")
+    monkeypatch.setenv("HETERO_TRAIN_DEVICE", "cpu")
     want = Evaluator(net, meta, cloud, synth[0], SearchConfig(), progress=False).reward(arch)
     assert abs(got["map_at_r"] - want["map_at_r"]) < 1e-3, (got, want)

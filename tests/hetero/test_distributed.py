@@ -145,3 +145,23 @@ def test_torchrun_verify_shares_the_embedding_and_rank_0_reports(trained, tmp_pa
             for k in ("map_at_r", "recall_at_1"):
                 assert a["metrics"][k] == pytest.approx(b["metrics"][k], abs=1 / 500), (a["name"], k)  # a near-tie
     assert ran >= 2  # the torch edge and the ONNX export at least
+
+
+def test_the_training_device_is_chosen_by_its_own_variable_and_the_old_name_still_works(monkeypatch):
+    import torch
+
+    from hetero import distributed
+    from hetero.errors import HeteroError
+
+    monkeypatch.delenv("HETERO_DEVICE", raising=False)
+    monkeypatch.setenv("HETERO_TRAIN_DEVICE", "cpu")
+    assert distributed.device() == torch.device("cpu")
+    monkeypatch.setenv("HETERO_TRAIN_DEVICE", "gpu")
+    with pytest.raises(HeteroError, match=r"\$HETERO_TRAIN_DEVICE must be cpu or cuda, got 'gpu'"):
+        distributed.device()
+    monkeypatch.delenv("HETERO_TRAIN_DEVICE")
+    monkeypatch.setenv("HETERO_DEVICE", "tpu")  # the name before issue 22
+    with pytest.raises(HeteroError, match=r"\$HETERO_DEVICE must be cpu or cuda"):
+        distributed.device()
+    monkeypatch.setenv("HETERO_DEVICE", "cpu")
+    assert distributed.device() == torch.device("cpu")

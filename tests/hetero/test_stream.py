@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from hetero.data import ImageSet, Preprocess, iterate_batches, load_image_folder
-from hetero.data import lazy as lazy_mod
+from hetero.data import folder_images as lazy_mod
 from hetero.data._decode import load_one
+from hetero.data.folder_images import FolderImages
 from hetero.data.image_folder import _images_in
-from hetero.data.lazy import FolderImages
 from hetero.errors import HeteroError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,7 +239,7 @@ def test_cache_writer_killed_by_sigkill_is_not_trusted(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     root = make_folder(tmp_path / "imgs")
     script = (
-        "import time, hetero.data.lazy as L\n"
+        "import time, hetero.data.folder_images as L\n"
         "real = L.load_one\n"
         "L.load_one = lambda *a: (time.sleep(0.05), real(*a))[1]\n"
         "from hetero.data import load_image_folder\n"

@@ -1,4 +1,4 @@
-"""The bad-input matrix's helpers (tests/bad_inputs/): run a command line as a user types it, and
+"""The bad-input matrix's helpers (tests/app/bad_inputs/): run a command line as a user types it, and
 check that it failed in one line and left every user file as it was.
 
 Every :func:`cli` and :func:`interrupt` run hashes the trees in :data:`WATCHED` (the conftest puts the

@@ -10,7 +10,7 @@ from devices import create_runner
 from devices.artifact import load_manifest, open_artifact, sha256_path
 from devices.errors import DeviceError
 from export import export_checkpoint
-from export.base import ExportJob, retrieval_agreement
+from export.formats import ExportJob, retrieval_agreement
 from hetero.checkpoint import load_checkpoint
 from hetero.errors import HeteroError
 

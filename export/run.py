@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.base import EXPORTERS, Exporter, ExportJob, FormatCannotExpress, exporter, fidelity
+from export.formats import EXPORTERS, Exporter, ExportJob, FormatCannotExpress, exporter, fidelity
 from export.manifest import FILENAME, check_exportable, new_manifest
 from export.manifest import FORMAT as MANIFEST_FORMAT
 from hetero._atomic import atomic_dir, check_output_dest, write_json_atomic

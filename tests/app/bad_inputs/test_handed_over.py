@@ -6,7 +6,7 @@ nothing behind (``--out`` absent or unchanged, no temp directory beside it). A f
 Cases run in this process through the CLI's ``main(argv)`` (a traceback there is an exception the test
 sees) unless they need a real process: signals, the full-disk shim where tmpfs cannot be mounted, a
 module that must not be imported into the test process (an untrusted factory). The expensive artifacts
-(two clouds, an edge, an ONNX + Core ML export) are built once per worker (tests/bad_inputs/conftest.py).
+(two clouds, an edge, an ONNX + Core ML export) are built once per worker (tests/app/bad_inputs/conftest.py).
 """
 from __future__ import annotations
 

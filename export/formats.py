@@ -1,8 +1,8 @@
-"""What every exporter shares: the job it works on, its declaration, the registry, and the manifest
-entry with its fidelity.
+"""The format table every exporter registers in (one row per format), the job it works on, and the
+manifest entry with its fidelity.
 
 One file per target family (``onnx.py``, ``onnx_precision.py``, ``ort_mobile.py``, ``coreml.py``,
-``tensorrt.py``) registers its exporters here with :func:`register_exporter`; ``api.py`` drives
+``tensorrt.py``) registers its exporters here with :func:`register_exporter`; ``run.py`` drives
 them. An exporter declares what it makes and from what (Polygraphy style): ONNX FP16 is made from
 the FP32 ONNX, a TensorRT plan from an ONNX, a Core ML package from the torch model.
 """
