@@ -21,5 +21,12 @@ REPORT_FILE = "report.json"  # evaluate, verify and demo reports
 LATENCY_SCHEMA = "hetero-latency/1"  # bench --json
 LATENCY_COMPARE_SCHEMA = "hetero-latency-compare/1"  # bench --compare --json
 VERIFY_SCHEMA = "hetero-verify/1"  # verify's report.json
+SEARCH_SCHEMA = "hetero-nas-search/1"  # search's pareto.json
+LATENCY_TABLE_SCHEMA = "hetero-latency-lut/1"  # the architecture search's latency look-up table
+
+# documents by their "format" field
+ARCH_FORMAT = "hetero-arch"  # arch.json: a searched architecture and its search space
+SUPERNET_FORMAT = "hetero-supernet"  # a supernet directory's meta
+TRAIN_STATE_FORMAT = "hetero-train-state"  # the resumable state of a train-* run
 
 RUNNER_ZIP_COMMENT = b"hetero-runner/1"  # the comment of a zip from `hetero pack-runner`

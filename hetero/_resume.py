@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from devices.schema import TRAIN_STATE_FORMAT
 from hetero._atomic import publish_dir, write_atomic
 from hetero.data.loader import is_synthetic
 from hetero.errors import HeteroError
 
-FORMAT = "hetero-train-state"
+FORMAT = TRAIN_STATE_FORMAT
 VERSION = 1
 STATE = "state.pt"
 INFO = "state.json"

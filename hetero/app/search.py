@@ -31,6 +31,7 @@ import torch
 
 from devices.errors import DeviceError
 from devices.profiles import profile as get_profile
+from devices.schema import ARCH_FORMAT, SEARCH_SCHEMA
 from devices.standalone import bench_export
 from export import export_checkpoint
 from hetero import distributed
@@ -50,17 +51,12 @@ from hetero.nas.supernet import Supernet, arch_flops, arch_params, recalibrate_b
 from hetero.nas.train import load_supernet, val_split
 from hetero.train import TrainConfig, train_edge
 
-SCHEMA = "hetero-nas-search/1"
-ARCH_FORMAT = "hetero-arch"
+SCHEMA = SEARCH_SCHEMA
 
 
 @dataclass(frozen=True)
-class SearchConfig:
-    population: int = 40
-    generations: int = 5
-    parents: float = 0.25  # fraction of the population kept as parents
-    mutate_prob: float = 0.15
-    mutation_share: float = 0.5  # children made by mutation (the rest by crossover)
+class SearchConfig(EvolutionConfig):
+    """The evolution's settings (population, generations, ...) and the search's own."""
     calib_images: int = 1024
     val_limit: int | None = None
     seed: int = 0
@@ -70,11 +66,9 @@ class SearchConfig:
     finetune_losses: dict[str, float] | None = None  # default: the losses the supernet was trained with
 
     def __post_init__(self):
-        if self.population < 2 or self.generations < 0 or not 0 < self.parents <= 1 or not 0 <= self.mutate_prob <= 1 \
-                or not 0 <= self.mutation_share <= 1 or self.calib_images < 1 or self.finetune_top < 0 \
-                or self.finetune_epochs < 1:
-            raise HeteroError("search settings out of range: --population >= 2, --generations >= 0, 0 < --parents <= 1, "
-                              "--mutate-prob and --mutation-share in [0, 1], --calib-images >= 1, --finetune-top >= 0, "
+        super().__post_init__()
+        if self.calib_images < 1 or self.finetune_top < 0 or self.finetune_epochs < 1:
+            raise HeteroError("search settings out of range: --calib-images >= 1, --finetune-top >= 0, "
                               "--finetune-epochs >= 1")
 
     @property

@@ -59,8 +59,8 @@ class EvolutionConfig:
     def __post_init__(self):
         if self.population < 2 or self.generations < 0 or not 0 < self.parents <= 1 or not 0 <= self.mutate_prob <= 1 \
                 or not 0 <= self.mutation_share <= 1:
-            raise HeteroError("evolution settings out of range: population >= 2, generations >= 0, 0 < parents <= 1, "
-                              "mutate_prob and mutation_share in [0, 1]")
+            raise HeteroError("evolution settings out of range: --population >= 2, --generations >= 0, "
+                              "0 < --parents <= 1, --mutate-prob and --mutation-share in [0, 1]")
 
 
 class Candidates:

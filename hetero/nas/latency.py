@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from devices.schema import LATENCY_TABLE_SCHEMA
 from hetero._atomic import write_json_atomic
 from hetero.errors import HeteroError
 from hetero.models.embedding import ModelSpec, create_embedding_model
@@ -41,7 +42,7 @@ from hetero.models.resnet import BasicBlock
 from hetero.nas.space import STEM_KERNEL, Arch, Block, SearchSpace, conv_out
 from hetero.nas.subnet import InvertedResidual
 
-SCHEMA = "hetero-latency-lut/1"
+SCHEMA = LATENCY_TABLE_SCHEMA
 DEFAULT_PROFILE = "host-cpu-1thread"
 DEFAULT_INPUT = (1, 28, 28)
 STATS = ("trimmed_mean_ms", "p50_ms", "mean_ms", "min_ms")

@@ -37,17 +37,19 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from devices.schema import SUPERNET_FORMAT
 from hetero import data, distributed  # data.iterate_batches read at call time: tests interrupt it
 from hetero._atomic import atomic_dir, check_output_dest, sha256_file, write_json_atomic
 from hetero._progress import progress_bar
-from hetero._resume import STATE as STEP_STATE, Snapshots, read_state, rng_state, set_rng_state
+from hetero._resume import STATE as STEP_STATE
+from hetero._resume import Snapshots, read_state, rng_state, set_rng_state
 from hetero.embed import cloud_targets
 from hetero.errors import HeteroError
 from hetero.losses import LossContext, WeightedLoss
 from hetero.nas.space import Arch, SearchSpace, largest, sample, smallest
 from hetero.nas.supernet import Supernet
 
-FORMAT = "hetero-supernet"
+FORMAT = SUPERNET_FORMAT
 META = "supernet.json"
 WEIGHTS = "weights.safetensors"
 STATE = "train_state.pt"
