@@ -37,6 +37,7 @@ from devices.coreml_interp import Interpreter, coremltools_version, supported_op
 from export import export_checkpoint
 from hetero.checkpoint import load_checkpoint
 from hetero.data import load_dataset
+from hetero.compare import fidelity
 from hetero.models import ModelSpec, create_embedding_model, list_backbones
 from _results import emit  # benchmarks/_results.py, next to this script
 
@@ -44,11 +45,6 @@ ALL = ("coreml", "coreml-fp16", "coreml-int8w", "coreml-palette6", "coreml-palet
 MIN_COS = {"fp32": 0.99999, "fp16": 0.999}
 IMG_S = 200.0
 REPEATS = 3  # timed passes over the queries; the median is reported
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
 def torch_embed(model, x: np.ndarray) -> np.ndarray:
@@ -68,10 +64,8 @@ def timed(interp: Interpreter, x: np.ndarray, repeats: int = REPEATS) -> tuple[n
 
 
 def row(name: str, fmt: str, precision: str, ref: np.ndarray, got: np.ndarray, img_s: float, **extra) -> dict:
-    cos = cosines(got, ref)
-    r = {"model": name, "format": fmt, "precision": precision, "n": int(len(ref)),
-         "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-         "max_abs_diff": float(np.abs(got.astype(np.float64) - ref).max()), "img_s": img_s, **extra}
+    r = {"model": name, "format": fmt, "precision": precision, "n": int(len(ref)), **fidelity(ref, got),
+         "img_s": img_s, **extra}
     want = MIN_COS.get(precision)
     r["cosine_target"] = want
     r["meets"] = None if want is None else bool(r["min_cosine"] >= want)

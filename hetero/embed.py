@@ -135,7 +135,7 @@ def cache_entries(space: str | None = None, directory: Path | None = None) -> li
 
     Only files named as :func:`cloud_targets` names them are listed; anything else is left alone."""
     if space is not None and not re.fullmatch(r"[0-9a-f]{1,64}", space):
-        raise HeteroError(f"--space must be a hex fingerprint prefix (see `hetero cache`), got {space!r}")
+        raise HeteroError(f"--fingerprint must be a hex fingerprint prefix (see `hetero cache`), got {space!r}")
     directory = Path(directory) if directory else targets_dir()
     if not directory.is_dir():
         return []

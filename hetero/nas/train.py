@@ -75,7 +75,7 @@ class SupernetConfig:
     def __post_init__(self):
         if self.space is not None:
             if not isinstance(self.space, dict):
-                raise HeteroError(f"--space must hold a JSON object of search-space fields, got {type(self.space).__name__}")
+                raise HeteroError(f"--search-space must hold a JSON object of search-space fields, got {type(self.space).__name__}")
             SearchSpace.from_dict(self.space)  # a one-line error naming the bad field, before any training
         for name in ("epochs", "batch_size", "val_size"):
             if getattr(self, name) < 1:
@@ -194,7 +194,7 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
         frozen.eval().requires_grad_(False)
     for key, want in (("in_channels", prep.channels), ("input_size", prep.size)):
         if cfg.space and key in cfg.space and cfg.space[key] != want:
-            raise HeteroError(f"--space sets {key} = {cfg.space[key]!r}, but the cloud's preprocessing gives {want}; "
+            raise HeteroError(f"--search-space sets {key} = {cfg.space[key]!r}, but the cloud's preprocessing gives {want}; "
                               f"leave {key} out (it follows the cloud)")
     space = SearchSpace.from_dict({**(cfg.space or {}), "in_channels": prep.channels, "input_size": prep.size})
     torch.manual_seed(cfg.seed)

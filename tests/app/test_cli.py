@@ -197,7 +197,7 @@ def test_cache_lists_and_clears_only_target_files(tmp_path, monkeypatch, capsys,
     (tmp_path / "targets" / "notes.txt").write_text("not ours")
     code, out, _ = run(capsys, "cache")
     assert code == 0 and out.count(f"model {tiny_cloud.space[:16]}") == 2 and "2 file(s)" in out
-    assert run(capsys, "cache", "--space", tiny_cloud.space)[1].count("model ") == 2  # a full fingerprint lists them too
+    assert run(capsys, "cache", "--fingerprint", tiny_cloud.space)[1].count("model ") == 2  # a full fingerprint lists them too
     code, out, _ = run(capsys, "cache", "--clear", "--space", "ffff")  # another space: nothing goes
     assert code == 0 and "deleted 0" in out and len(list((tmp_path / "targets").glob("*.npy"))) == 2
     code, err = run(capsys, "cache", "--clear", "--space", "../x")[::2]

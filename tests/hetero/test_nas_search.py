@@ -191,7 +191,7 @@ def test_train_supernet_with_a_space_file(saved, tmp_path, capsys):
     sp.write_text(json.dumps({"stem": 8, "stem_stride": 1, "stages": [[8, 1, 2], [16, 1, 2]], "kernels": [3],
                               "expands": [2], "widths": [1.0], "head": 32}))
     out = tmp_path / "sn"
-    assert main(["train-supernet", "--cloud", str(saved / "cloud"), "--out", str(out), "--epochs", "1", "--space", str(sp),
+    assert main(["train-supernet", "--cloud", str(saved / "cloud"), "--out", str(out), "--epochs", "1", "--search-space", str(sp),
                  "--data", "synthetic", "--limit", "300", "--val-size", "100", "--batch-size", "64", "--quiet"]) == 0
     net, meta = load_supernet(out)
     assert meta["space"]["head"] == 32 and meta["space"]["stem_stride"] == 1 and meta["config"]["space"]["head"] == 32

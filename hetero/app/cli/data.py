@@ -57,7 +57,7 @@ def add_cache(sub) -> None:
     p = sub.add_parser("cache", help="list (or --clear) the cached embeddings: cloud targets (train-edge) and "
                                         "verify's torch embeddings")
     p.add_argument("--clear", action="store_true", help="delete them (they are recomputed when next needed)")
-    p.add_argument("--space", help="only the files of models (a cloud: its space) whose fingerprint starts with this")
+    p.add_argument("--fingerprint", "--space", dest="space", help="only the files of models (a cloud: its space) whose fingerprint starts with this")
     p.set_defaults(func=cmd_cache)
 
 

@@ -63,9 +63,9 @@ def cmd_train_supernet(args: argparse.Namespace) -> int:
         try:
             kw["space"] = json.loads(Path(args.space).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise HeteroError(f"--space {args.space} does not exist; pass a JSON file of search-space fields") from None
+            raise HeteroError(f"--search-space {args.space} does not exist; pass a JSON file of search-space fields") from None
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise HeteroError(f"--space {args.space} is not valid JSON ({e.__class__.__name__}); fix the file") from None
+            raise HeteroError(f"--search-space {args.space} is not valid JSON ({e.__class__.__name__}); fix the file") from None
     cfg = SupernetConfig(progressive=args.progressive, sort_channels=args.sort_channels, **kw)
     r = training.train_supernet(args.cloud, args.out, data=args.data, config=cfg, resume=args.resume,
                                 save_every=args.save_every, progress=not args.quiet)
@@ -160,7 +160,7 @@ def add_train_supernet(sub) -> None:
     p.add_argument("--loss", help="compatibility losses (default influence=1,alignment=1)")
     p.add_argument("--val-size", type=int, help="validation images carved from the train split for the search (default 5000)")
     p.add_argument("--limit", type=int, help="use the first N training images")
-    p.add_argument("--space", help="JSON file of search-space fields to change from the defaults, e.g. "
+    p.add_argument("--search-space", "--space", dest="space", help="JSON file of search-space fields to change from the defaults, e.g. "
                                    '{"stem_stride": 1, "head": 128} (see docs/search.md)')
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (from its last saved step)")
