@@ -1,32 +1,52 @@
 """TensorRT runner: deserialise a ``.plan`` and run it with the tensor-address API
-(``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), where ``tensorrt`` and a CUDA GPU
-are present.
+(``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), where ``tensorrt``, NVIDIA's
+``cuda-python`` and a CUDA GPU are present.
 
-UNVERIFIED: written against TensorRT 10/11's documented Python API. No machine this project was
-developed on had TensorRT (its PyPI packages fetch from NVIDIA's index; the lent GPU machine had
-none), so this runner has never run. Its tests skip with a reason elsewhere.
+UNVERIFIED: written against TensorRT 10/11's and cuda-python 12's documented Python APIs. No machine
+this project was developed on had TensorRT (its PyPI packages fetch from NVIDIA's index; the lent GPU
+machine had none), so this runner has never run on a GPU. ``tests/devices/test_tensorrt_runner.py``
+drives its buffer and stream plumbing through stand-ins for both libraries.
 
-Device buffers come from NVIDIA's cuda-python (``cuda.bindings.runtime``) where installed, else
-from torch's CUDA allocator; the module imports neither at import time.
+Device buffers and the stream come from the CUDA runtime through cuda-python
+(``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6): numpy and the runtime only, no torch, as
+everywhere in the device core. Both libraries are imported when the runner is used.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
+from typing import Any
 
 import numpy as np
 
 from devices.errors import DeviceError
 from devices.runner import Runner, register_runner
 
+CUDA_PYTHON = "pip install cuda-python (NVIDIA's CUDA runtime bindings)"
+
+
+def cudart() -> Any:
+    """The CUDA runtime module of cuda-python (ImportError without it)."""
+    try:
+        return importlib.import_module("cuda.bindings.runtime")  # optional: cuda-python >= 12.6, GPU hosts only
+    except ImportError:
+        return importlib.import_module("cuda.cudart")  # optional: older cuda-python, GPU hosts only
+
+
+def _call(rt: Any, result: Any, what: str) -> Any:
+    """The value of a cuda-python call, which returns ``(error, *values)``; a DeviceError on failure."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != rt.cudaError_t.cudaSuccess:
+        raise DeviceError(f"CUDA {what} failed ({getattr(err, 'name', err)}); check the GPU and its driver")
+    return values[0] if len(values) == 1 else tuple(values)
+
 
 def _cuda_here() -> str | None:
-    if importlib.util.find_spec("torch") is not None:
-        import torch  # only to ask for a GPU; torch is optional on a device
-
-        return None if torch.cuda.is_available() else "no CUDA GPU here"
-    if importlib.util.find_spec("cuda") is None:
-        return "neither cuda-python nor torch is installed to allocate GPU buffers (pip install cuda-python)"
-    return None
+    try:
+        rt = cudart()
+    except ImportError:
+        return f"cuda-python is not installed to run TensorRT engines ({CUDA_PYTHON})"
+    err, count = rt.cudaGetDeviceCount()
+    return None if err == rt.cudaError_t.cudaSuccess and count > 0 else "no CUDA GPU here"
 
 
 @register_runner("tensorrt")
@@ -43,10 +63,9 @@ class TensorRTRunner(Runner):
         return _cuda_here()
 
     def open(self) -> None:
-        import tensorrt as trt  # the runtime, imported on use (GPU hosts only)
-        import torch  # buffers and stream (cuda-python path: see module docstring; torch is the one written here)
-
-        self._trt, self._torch = trt, torch
+        trt = importlib.import_module("tensorrt")  # the runtime, imported on use (GPU hosts only)
+        rt = cudart()
+        self._trt, self._rt, self._buffers, self._stream = trt, rt, [], None
         engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.artifact.path.read_bytes())
         if engine is None:
             raise DeviceError(f"TensorRT {trt.__version__} cannot deserialise {self.artifact.path.name}: a plan is specific "
@@ -63,35 +82,54 @@ class TensorRTRunner(Runner):
                                   "from the exported ONNX with the manifest's build_command")
         self._engine = engine
         self._ctx = engine.create_execution_context()
-        self._stream = torch.cuda.Stream()
         prof = self.artifact.entry.get("profile") or {}
         self._max = int(prof.get("max", [self.batch_size])[0]) if prof else self.batch_size
         self.batch_size = min(self.batch_size, self._max)
+        self._gpu = _call(rt, rt.cudaGetDeviceProperties(0), "reading the GPU's name").name
+        self._stream = _call(rt, rt.cudaStreamCreate(), "creating a stream")
+        # one input and one output buffer for the largest batch the engine takes, reused by every call
+        per_in = 4 * int(np.prod(self.artifact.input_shape))
+        self._d_in = self._alloc(self.batch_size * per_in)
+        self._d_out = self._alloc(self.batch_size * 4 * self.artifact.dim)
+
+    def _alloc(self, nbytes: int) -> int:
+        ptr = _call(self._rt, self._rt.cudaMalloc(nbytes), f"allocating {nbytes} bytes")
+        self._buffers.append(ptr)
+        return int(ptr)
 
     @property
     def runtime(self) -> str:
-        trt = getattr(self, "_trt", None)
-        torch = getattr(self, "_torch", None)
-        gpu = torch.cuda.get_device_name(0) if torch is not None else "?"
-        return f"tensorrt {trt.__version__ if trt else '?'} on {gpu}"
+        trt, gpu = getattr(self, "_trt", None), getattr(self, "_gpu", None)
+        name = gpu.decode(errors="replace").rstrip("\0") if isinstance(gpu, bytes) else (gpu or "?")
+        return f"tensorrt {trt.__version__ if trt else '?'} on {name}"
 
     def versions(self) -> dict[str, str]:
         trt = getattr(self, "_trt", None)
         return {"tensorrt": trt.__version__ if trt else "?"}
 
     def close(self) -> None:
-        self._ctx = self._engine = None
+        rt = getattr(self, "_rt", None)
+        for ptr in getattr(self, "_buffers", []):
+            rt.cudaFree(ptr)
+        if getattr(self, "_stream", None) is not None:
+            rt.cudaStreamDestroy(self._stream)
+        self._buffers, self._stream, self._ctx, self._engine = [], None, None, None
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        with torch.cuda.stream(self._stream):
-            x = torch.from_numpy(batch).cuda(non_blocking=False)
-            if not self._ctx.set_input_shape(self._in, tuple(x.shape)):
-                raise DeviceError(f"the engine refuses batch {x.shape[0]}: outside its optimisation profile (max {self._max})")
-            y = torch.empty(tuple(self._ctx.get_tensor_shape(self._out)), dtype=torch.float32, device="cuda")
-            self._ctx.set_tensor_address(self._in, x.data_ptr())
-            self._ctx.set_tensor_address(self._out, y.data_ptr())
-            if not self._ctx.execute_async_v3(self._stream.cuda_stream):
-                raise DeviceError("TensorRT execute_async_v3 failed")
-            self._stream.synchronize()
-            return y.cpu().numpy()
+        rt, stream = self._rt, self._stream
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if len(x) > self.batch_size:  # the device buffers hold batch_size rows
+            raise DeviceError(f"a batch of {len(x)} is larger than this runner's buffers ({self.batch_size}); "
+                              f"pass at most {self.batch_size} images at a time")
+        if not self._ctx.set_input_shape(self._in, tuple(x.shape)):
+            raise DeviceError(f"the engine refuses batch {x.shape[0]}: outside its optimisation profile (max {self._max})")
+        y = np.empty(tuple(self._ctx.get_tensor_shape(self._out)), dtype=np.float32)
+        h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _call(rt, rt.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, stream), "copying the batch in")
+        self._ctx.set_tensor_address(self._in, self._d_in)
+        self._ctx.set_tensor_address(self._out, self._d_out)
+        if not self._ctx.execute_async_v3(int(stream)):
+            raise DeviceError("TensorRT execute_async_v3 failed")
+        _call(rt, rt.cudaMemcpyAsync(y.ctypes.data, self._d_out, y.nbytes, d2h, stream), "copying the embeddings out")
+        _call(rt, rt.cudaStreamSynchronize(stream), "waiting for the stream")
+        return y

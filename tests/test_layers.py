@@ -30,14 +30,9 @@ def test_every_module_has_a_layer_and_the_application_layer_is_hetero_app():
                                                                                                   "hetero.__main__"}
 
 
-# the one exception: on a GPU host without cuda-python, the (unverified) TensorRT runner borrows torch's
-# CUDA allocator for its buffers, imported when it opens (see its module docstring)
-TORCH_ON_GPU_HOSTS = {"devices.tensorrt_runner"}
-
-
 def test_the_device_core_imports_neither_torch_nor_hetero():
     m = modules()
-    assert [d for d in m if d.split(".")[0] == "devices" and "torch" in third_party(m, d)] == sorted(TORCH_ON_GPU_HOSTS)
+    assert [d for d in m if d.split(".")[0] == "devices" and "torch" in third_party(m, d)] == []
 
 
 def test_no_function_local_import_of_our_own_packages():
@@ -62,8 +57,7 @@ def test_function_local_imports_are_optional_libraries_and_say_why():
                     continue
                 tops = {n.split(".")[0] for n in names}
                 said = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
-                allowed = OPTIONAL | ({"torch"} if mod in TORCH_ON_GPU_HOSTS else set())
-                if not tops <= allowed or not said:
+                if not tops <= OPTIONAL or not said:
                     bad.append(f"{f.relative_to(ROOT)}:{node.lineno} {', '.join(sorted(tops))}")
     assert bad == [], "function-local imports that are not optional libraries with a reason: " + "; ".join(bad)
 
