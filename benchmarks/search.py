@@ -225,7 +225,7 @@ def main() -> int:
                                       generations=1 if args.smoke else args.generations,
                                       finetune_top=args.finetune_top, finetune_epochs=args.finetune_epochs,
                                       finetune_losses=recipe))
-        state["search"] = {**{k: res[k] for k in ("evaluations", "search_seconds", "best", "finetuned", "finetune_seconds")},
+        state["search"] = {**{k: res.pareto[k] for k in ("evaluations", "search_seconds", "best", "finetuned", "finetune_seconds")},
                            "ran_on": where, "finetune_top": args.finetune_top, "finetune_epochs": args.finetune_epochs}
         save()
     for ext in ("json", "png"):  # every candidate and the plot, next to the results

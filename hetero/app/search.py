@@ -22,7 +22,7 @@ import json
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -247,9 +247,25 @@ def _legacy_search(d: Path) -> str | None:
     return "search" if (d / "pareto.json").is_file() else None
 
 
-def search(supernet: str, cloud: str, budgets: list[str], *, data: str | None = None, out: str,
-           cfg: SearchConfig = SearchConfig(), progress: bool = True, log=print) -> dict[str, Any]:
-    """`hetero search`: the evolutionary search for every budget; writes ``out``; returns pareto.json."""
+@dataclass(frozen=True)
+class SearchResult:
+    """A written search directory: ``pareto.json`` (every candidate scored, the FLOPs Pareto front, the
+    best subnet per budget) and an arch file per budget for ``hetero train-edge --arch``."""
+    path: Path
+    pareto: dict[str, Any] = field(repr=False)
+    arch_files: dict[str, Path] = field(default_factory=dict)  # budget as given -> its arch JSON
+
+    @property
+    def best(self) -> dict[str, dict[str, Any]]:
+        """Per budget: the chosen subnet's arch, cost, FLOPs, params and validation mAP@R."""
+        return dict(self.pareto["best"])
+
+
+def search(supernet: str | Path, cloud: str | Path, budgets: list[str], *, data: str | None = None,
+           out: str | Path, cfg: SearchConfig = SearchConfig(), progress: bool = True, log=print) -> SearchResult:
+    """`hetero search`: the evolutionary search of the supernet for every budget (``flops=0.8M``,
+    ``params=50k``, ``latency=0.5ms@PROFILE``), scored in the cloud's space on a validation split of
+    the training data; writes ``out`` (pareto.json, pareto.png, arch.json and one arch file per budget)."""
     parsed = parse_budgets(budgets)
     out_dir = Path(out)
     check_output_dest(out_dir, "search", True, _legacy_search)
@@ -328,7 +344,7 @@ def search(supernet: str, cloud: str, budgets: list[str], *, data: str | None = 
         if png is not None:
             (tmp / "pareto.png").write_bytes(png)
     log(f"wrote {out_dir / 'pareto.json'}, {out_dir / 'pareto.png'}, {out_dir / 'arch.json'}")
-    return result
+    return SearchResult(out_dir, result, {b.text: out_dir / f"arch-{b.slug}.json" for b in parsed})
 
 
 def pareto_plot(result: dict[str, Any]) -> bytes | None:

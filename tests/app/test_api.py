@@ -19,6 +19,8 @@ def test_import_hetero_is_cheap_and_names_its_api():
     assert p.returncode == 0, p.stderr[-800:]
     names = set(eval(p.stdout))
     assert {"train_cloud", "train_edge", "export", "verify", "bench", "search", "evaluate"} <= names
+    for name in hetero._API:  # every name the package promises loads
+        assert getattr(hetero, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         hetero.nothing  # noqa: B018
 

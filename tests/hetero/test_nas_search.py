@@ -289,3 +289,18 @@ def test_the_evolution_runs_on_any_reward_and_cost():
         evolve(cand, sp, parse_budget("flops=1k"), cfg, random.Random(0))
     recs = [{"flops": f, "map_at_r": m} for f, m in ((3, 0.5), (1, 0.2), (2, 0.1), (4, 0.6), (5, 0.55))]
     assert pareto_front(recs) == [1, 0, 3]
+
+
+def test_the_python_api_searches_and_says_where_each_budget_s_arch_is(supernet, saved, tmp_path):
+    import hetero
+    from hetero.app.search import SearchConfig
+
+    r = hetero.search(supernet, saved / "cloud", ["params=40k", "params=60k"], data="synthetic", out=tmp_path / "s",
+                      cfg=SearchConfig(population=2, generations=0), progress=False, log=lambda _: None)
+    assert isinstance(r, hetero.SearchResult) and r.path == tmp_path / "s"
+    assert set(r.best) == set(r.arch_files) == {"params=40k", "params=60k"}
+    for budget, f in r.arch_files.items():
+        doc = json.loads(f.read_text())
+        assert doc["budget"] == budget and doc["arch"] == r.best[budget]["arch"]
+        assert doc["params"] <= float(budget[len("params="):-1]) * 1e3  # within its budget
+    assert json.loads((r.path / "pareto.json").read_text())["best"] == json.loads(json.dumps(r.best))
