@@ -6,6 +6,7 @@ from typing import Any
 from torch import nn
 
 from hetero.errors import HeteroError
+from hetero.models.library import PREFIXES, library_backbone
 from hetero.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
@@ -13,8 +14,11 @@ register_backbone = BACKBONES.register
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """Build a backbone by registered name. A backbone maps [N,C,H,W] to [N, out_features]."""
+    """Build a backbone by registered name, or a library's model by prefix (``tv:NAME``, see
+    :mod:`hetero.models.library`). A backbone maps [N,C,H,W] to [N, out_features]."""
     try:
+        if name.startswith(PREFIXES):
+            return library_backbone(name, **kwargs)
         return BACKBONES.create(name, **kwargs)
     except TypeError as e:
         raise HeteroError(f"backbone {name!r} does not take these options ({e}); check the model kwargs") from None

@@ -25,6 +25,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_backbones():
         m = create_embedding_model(ModelSpec(name, 128), 1)
         print(f"{name:<16} params {count_params(m):>9,}  MFLOPs@1x28x28 {count_flops(m, (1, 28, 28)) / 1e6:8.2f}")
+    print("tv:NAME          any torchvision classification model (torchvision.models.list_models()), e.g. "
+          "tv:mobilenet_v3_small, with hetero's embedding head (needs torchvision: pip install 'hetero[byo]')")
     return 0
 
 
