@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from devices.artifact import load_manifest
+from devices.schema import MANIFEST_FILE
 from hetero.app.evaluate import evaluate as _evaluate
 from hetero.app.verify.run import verify as _verify
 
@@ -74,5 +74,6 @@ def verify(export: str | Path, cloud: str | Path, *, edge: str | Path | None = N
                      runners=list(runtimes) if runtimes else None, query_limit=query_limit,
                      gallery_limit=gallery_limit, latency=latency, html=html, progress=progress,
                      require=list(require) if require else None, log=log)
-    where = Path(out) if out else Path(load_manifest(export)["_dir"]).parent / "verify"
-    return VerifyResult(report, where)
+    d = Path(export)
+    d = d.parent if d.name == MANIFEST_FILE and d.is_file() else d  # as verify resolves it (no second read)
+    return VerifyResult(report, Path(out) if out else d.parent / "verify")
