@@ -16,6 +16,7 @@ from typing import Any
 
 from devices._inspect import Inspection, inspect_artifact
 from devices.errors import DeviceError
+from devices.images import check_crop
 from devices.schema import MANIFEST_FILE, MANIFEST_FORMAT
 
 MANIFEST = MANIFEST_FILE
@@ -125,12 +126,15 @@ def load_manifest(export_dir: str | Path) -> dict[str, Any]:
 
 def preprocess_problem(pre: Any) -> str | None:
     """What is wrong with a ``preprocess`` block, if anything: the rules of hetero's ``Preprocess``
-    (exactly size, channels, mean, std; channels 1 or 3; one finite mean and one finite positive std
+    (exactly size, channels, mean, std, and an optional centre-crop fraction; channels 1 or 3; one finite mean and one finite positive std
     per channel) and a size of 1 to ``MAX_IMAGE_SIZE`` px. JSON admits ``Infinity`` and ``NaN``,
     and ``std: Infinity`` would turn every image into the same zero input."""
     keys = ("size", "channels", "mean", "std")
-    if not isinstance(pre, dict) or set(pre) != set(keys):
-        return f"preprocess must hold exactly {', '.join(keys)}"
+    if not isinstance(pre, dict) or not set(keys) <= set(pre) <= {*keys, "crop"}:
+        return f"preprocess must hold exactly {', '.join(keys)} (and an optional crop)"
+    crop = check_crop(pre.get("crop"))
+    if crop is not None:
+        return f"preprocess.{crop}"
     size, channels = pre["size"], pre["channels"]
     if isinstance(size, float) and size.is_integer():
         size = int(size)

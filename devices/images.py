@@ -142,26 +142,67 @@ def _as_8bit(im, path: str | os.PathLike):
     return pil().fromarray(scale_to_8bit(np.asarray(im), *rng), "L")
 
 
-def decode_image(path: str | Path, size: int, channels: int | None) -> tuple[np.ndarray, bool]:
-    """Image as uint8 ``[size, size, 3 or 1]`` plus whether it has colour (R, G, B not all equal).
-
-    ``channels`` 1 converts to luma ("L"); 3 or None to RGB (palette images via RGBA), then a bilinear
-    resize when the size differs. 16- and 32-bit integer images are scaled to 8 bits first (see the
-    module docstring)."""
+def resize_crop(im, size: int, crop: float | None):
+    """A PIL image as ``size x size``: squashed (bilinear) when ``crop`` is None; else its shorter side
+    resized to ``round(size / crop)`` (aspect kept, bilinear, antialiased when shrinking, as Pillow
+    does) and the centre ``size x size`` cut out, as ImageNet evaluation does (``crop`` 0.875: 256 -> 224).
+    An image smaller than the crop is resized up, never refused."""
     Image = pil()
     bilinear = getattr(Image, "Resampling", Image).BILINEAR
+    if crop is None:
+        return im.resize((size, size), bilinear) if im.size != (size, size) else im
+    w, h = im.size
+    short = max(size, int(round(size / crop)))
+    nw, nh = (short, max(short, int(round(h * short / w)))) if w <= h else (max(short, int(round(w * short / h))), short)
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), bilinear)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def check_crop(crop: object) -> str | None:
+    """What is wrong with a centre-crop fraction, if anything: None or a number in (0, 1]."""
+    if crop is None:
+        return None
+    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
+        return f"crop {crop!r} is not a fraction in (0, 1] (e.g. 0.875: resize to size/0.875, cut the centre)"
+    return None
+
+
+def open_image(path: str | Path, channels: int | None):
+    """The image as a loaded PIL image at its own size: "L" for ``channels`` 1, else "RGB" (palette
+    images via RGBA); 16- and 32-bit integer images scaled to 8 bits (see the module docstring)."""
+    Image = pil()
     try:
         with Image.open(path) as im:
             im = _as_8bit(im, path)
             if im.mode in ("P", "PA"):
                 im = im.convert("RGBA")
-            im = im.convert("L" if channels == 1 else "RGB")
-            im = im.resize((size, size), bilinear) if im.size != (size, size) else im
-            arr = np.asarray(im, dtype=np.uint8)
+            out = im.convert("L" if channels == 1 else "RGB")
+            out.load()
+            return out
     except ImageError:
         raise
     except _errors(Image) as e:
         raise _unreadable(path, e) from None
+
+
+def as_array(im) -> tuple[np.ndarray, bool]:
+    """A PIL "L" or "RGB" image as uint8 ``[H, W, 1 or 3]`` plus whether it has colour."""
+    arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         return arr[..., None], False
     return arr, bool((arr[..., 0] != arr[..., 1]).any() or (arr[..., 1] != arr[..., 2]).any())
+
+
+def decode_image(path: str | Path, size: int, channels: int | None,
+                 crop: float | None = None) -> tuple[np.ndarray, bool]:
+    """Image as uint8 ``[size, size, 3 or 1]`` plus whether it has colour (R, G, B not all equal).
+
+    ``channels`` 1 converts to luma ("L"); 3 or None to RGB (:func:`open_image`), then
+    :func:`resize_crop` (a squash resize, or with ``crop`` a shorter-side resize and a centre crop)."""
+    im = open_image(path, channels)
+    try:
+        return as_array(resize_crop(im, size, crop))
+    except _errors(pil()) as e:
+        raise _unreadable(path, e) from None

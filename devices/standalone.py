@@ -127,7 +127,7 @@ def check_preprocess(pre: Any, where: str) -> dict[str, Any]:
     if problem is not None:
         raise DeviceError(f"{where}: {problem}; re-run `hetero export`, or pass a preprocessed float32 .npy batch")
     return {"size": int(pre["size"]), "channels": int(pre["channels"]), "mean": [float(m) for m in pre["mean"]],
-            "std": [float(v) for v in pre["std"]]}
+            "std": [float(v) for v in pre["std"]], "crop": None if pre.get("crop") is None else float(pre["crop"])}
 
 
 def _pil():
@@ -137,12 +137,12 @@ def _pil():
         raise DeviceError(f"{e} (or pass a preprocessed float32 .npy batch)") from None
 
 
-def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+def load_image(path: str | Path, size: int, channels: int, crop: float | None = None) -> np.ndarray:
     """One image as uint8 [size, size, channels], decoded by :func:`devices.images.decode_image`,
     the decoder hetero's ImageFolder loader uses (16- and 32-bit images scaled, float ones refused)."""
     _pil()  # a missing Pillow with the runner's .npy alternative
     try:
-        return images.decode_image(path, size, channels)[0]
+        return images.decode_image(path, size, channels, crop)[0]
     except images.ImageError as e:
         raise DeviceError(str(e)) from None
 
@@ -151,7 +151,7 @@ def preprocess_images(paths: Sequence[str | Path], pre: dict[str, Any]) -> np.nd
     """Images -> float32 [N, C, size, size]: what hetero's ``Preprocess.apply`` makes of them."""
     pre = check_preprocess(pre, "the preprocess block")
     size, channels = pre["size"], pre["channels"]
-    images = np.stack([load_image(p, size, channels) for p in paths]) if len(paths) else \
+    images = np.stack([load_image(p, size, channels, pre["crop"]) for p in paths]) if len(paths) else \
         np.zeros((0, size, size, channels), np.uint8)
     mean = np.asarray(pre["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(pre["std"], dtype=np.float32).reshape(1, -1, 1, 1)

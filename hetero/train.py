@@ -3,24 +3,32 @@ into the cloud space (compatibility losses), or the no-compatibility control."""
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from devices.artifact import MAX_IMAGE_SIZE
 from hetero import distributed
 from hetero._progress import progress_bar
 from hetero._resume import Snapshots, rng_state, set_rng_state
 from hetero.checkpoint import Checkpoint
 from hetero.data import ImageSet, Preprocess, as_nchw, iterate_batches
+from hetero.data.augment import IMAGENET, PAD_CROP, POLICIES, resolve
 from hetero.data.loader import _augment as augment_batch  # the loader's flip + 2-px crop, with our own generator
 from hetero.embed import cloud_targets
 from hetero.errors import HeteroError
 from hetero.losses import LossContext, WeightedLoss
 from hetero.models import CosineClassifier, ModelSpec, create_embedding_model
+from hetero.models.library_weights import describe as describe_pretrained
+from hetero.models.library_weights import load_pretrained
+from hetero.models.registry import check_input
+
+_OMITTED_WHEN_NONE = ("pretrained", "size")
 
 
 @dataclass(frozen=True)
@@ -36,9 +44,11 @@ class TrainConfig:
     weight_decay: float = 5e-4
     scale: float = 16.0
     margin: float = 0.0
-    augment: bool = False
+    # False; True (auto: imagenet for a centre-cropping preprocess, else pad-crop); "pad-crop"; "imagenet"
+    augment: bool | str = False
     seed: int = 0
     limit: int | None = None
+    size: int | None = None  # input size; None: the cloud's (an edge), the model's native or the data's (a cloud)
     # influence + alignment + relational: never far from the best recipe measured (docs/training.md, "Which loss
     # when"): 0.9 points behind influence alone on Fashion-MNIST at 8 epochs, ahead of it in the demo
     # and by 2-4 points on a small dataset (scikit-learn digits), where influence alone lagged
@@ -46,6 +56,8 @@ class TrainConfig:
     loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     targets: str = "auto"  # cloud targets: "cached" (memory-mapped), "online" (frozen cloud per batch), "auto"
     compat: bool = True
+    # --pretrained FILE|NAME (tv:/timm: models); once loaded, the record of what: source, file, sha256 (, weights)
+    pretrained: str | dict[str, Any] | None = None
 
     def __post_init__(self):
         def is_int(v: Any) -> bool:
@@ -67,8 +79,13 @@ class TrainConfig:
                                ("limit", lambda v: v is None or is_int(v), "a whole number"),
                                ("lr", is_num, "a finite number"), ("weight_decay", is_num, "a finite number"),
                                ("scale", is_num, "a finite number"), ("margin", is_num, "a finite number"),
-                               ("augment", lambda v: isinstance(v, bool), "true or false"),
+                               ("augment", lambda v: isinstance(v, bool) or v in ("auto", *POLICIES),
+                                f"true, false or one of {', '.join(POLICIES)}"),
+                               ("size", lambda v: v is None or (is_int(v) and 8 <= v <= MAX_IMAGE_SIZE),
+                                f"a whole number of pixels, 8 to {MAX_IMAGE_SIZE}"),
                                ("compat", lambda v: isinstance(v, bool), "true or false"),
+                               ("pretrained", lambda v: v is None or (isinstance(v, str) and v) or isinstance(v, dict),
+                                "a weights file or a weight name such as DEFAULT"),
                                ("targets", lambda v: isinstance(v, str), "auto, cached or online")):
             v = getattr(self, name)
             if not ok(v):
@@ -93,7 +110,11 @@ class TrainConfig:
         return self.targets == "online" or (self.targets == "auto" and self.augment)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for k in _OMITTED_WHEN_NONE:  # newer fields: a config without them reads (and resumes) as before
+            if d[k] is None:
+                del d[k]
+        return d
 
 
 class _Objective(torch.nn.Module):
@@ -171,6 +192,8 @@ def _fit(modules: list[torch.nn.Module], ds: ImageSet, prep: Preprocess, cfg: Tr
     objective = distributed.ddp(_Objective(modules, step))
     objective.train()
     fill = torch.tensor([-m / sd for m, sd in zip(prep.mean, prep.std)], dtype=torch.float32)  # black, normalised
+    # pad-crop on the batch here, per step; imagenet in the loader's workers, from each original file
+    policy = resolve(cfg.augment, prep.crop)
     for epoch in range(start_epoch, cfg.epochs):
         first = start_step if epoch == start_epoch else 0
         if first == 0:
@@ -180,8 +203,11 @@ def _fit(modules: list[torch.nn.Module], ds: ImageSet, prep: Preprocess, cfg: Tr
         bar = progress_bar(total=len(order) * world, initial=n * world, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
                            unit="img", disable=not (progress and distributed.is_main()), leave=False)
         # one loader per epoch (a lazy set's decoding workers stay up); augmentation is drawn here, per step
-        for s, (x, y, ib) in enumerate(iterate_batches(ds, prep, per_rank, indices=order[first * per_rank:]), start=first):
-            if cfg.augment:
+        seeds = [step_seed(cfg.seed, epoch, s, rank) for s in range(first, steps_per_epoch)]
+        batches = iterate_batches(ds, prep, per_rank, indices=order[first * per_rank:], batch_seeds=seeds,
+                                  augment=IMAGENET if policy == IMAGENET else False)
+        for s, (x, y, ib) in enumerate(batches, start=first):
+            if policy == PAD_CROP:
                 x = augment_batch(x, fill, torch.Generator().manual_seed(step_seed(cfg.seed, epoch, s, rank)))
             # the loader already gives NCHW; training never runs channels-last by accident
             terms = objective(as_nchw(x).to(dev), y.to(dev), ib)
@@ -212,6 +238,35 @@ def _fit(modules: list[torch.nn.Module], ds: ImageSet, prep: Preprocess, cfg: Tr
     return history, seconds_before
 
 
+def as_input_of(x: torch.Tensor, have: Preprocess, want: Preprocess) -> torch.Tensor:
+    """A batch preprocessed by ``have`` as ``want`` would feed it: the same pixels renormalised and
+    resized (bilinear, antialiased), so the frozen cloud embeds an edge's augmented batch at its own
+    input size. A different centre crop is not redone (the picture's border differs by a few percent)."""
+    if have == want:
+        return x
+    m0, s0 = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in (have.mean, have.std))
+    m1, s1 = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in (want.mean, want.std))
+    pixels = x * s0 + m0
+    if have.channels != want.channels:
+        luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        pixels = pixels.expand(-1, 3, -1, -1) if want.channels == 3 else (pixels * luma).sum(1, keepdim=True)
+    if have.size != want.size:
+        pixels = F.interpolate(pixels, size=(want.size, want.size), mode="bilinear", align_corners=False,
+                               antialias=want.size < have.size)
+    return as_nchw((pixels - m1) / s1)
+
+
+def _start_from_pretrained(model: torch.nn.Module, cfg: TrainConfig, snapshots: Snapshots | None) -> TrainConfig:
+    """Load ``cfg.pretrained`` into the model's library backbone; ``cfg`` then records what was loaded. A
+    resumed run takes its weights from its state, and its config already says where they started."""
+    if cfg.pretrained is None or (snapshots is not None and snapshots.loaded is not None):
+        return cfg
+    record = load_pretrained(model, cfg.model, cfg.pretrained)
+    if distributed.is_main():
+        print(describe_pretrained(record, cfg.model), file=sys.stderr)
+    return replace(cfg, pretrained=record)
+
+
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
@@ -235,6 +290,8 @@ def train_cloud(cfg: TrainConfig, train_set: ImageSet, prep: Preprocess, *, prog
     torch.manual_seed(cfg.seed)
     spec = ModelSpec(cfg.model, cfg.dim, dict(cfg.model_kwargs))
     model = create_embedding_model(spec, prep.channels)
+    check_input(model, prep.channels, prep.size)  # a ViT at another size, a size below the strides: one line, now
+    cfg = _start_from_pretrained(model, cfg, snapshots)
     classifier = CosineClassifier(cfg.dim, len(train_set.classes), cfg.scale, cfg.margin)
 
     def step(x, y, idx):
@@ -256,7 +313,8 @@ def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, prog
     ``snapshots``: save (and resume from) step-level training state."""
     if cloud.role != "cloud":
         raise HeteroError(f"--cloud must be a cloud checkpoint, got a {cloud.role} checkpoint ({cloud.path})")
-    prep = cloud.preprocess
+    # the edge sees the images as the cloud does, at its own input size if cfg.size says one
+    prep = cloud.preprocess if cfg.size in (None, cloud.preprocess.size) else replace(cloud.preprocess, size=cfg.size)
     if cfg.dim != cloud.spec.dim:
         raise HeteroError(f"--dim {cfg.dim} differs from the cloud's embedding dim {cloud.spec.dim}; use --dim {cloud.spec.dim}")
     ctx = LossContext(dim=cfg.dim, num_classes=len(train_set.classes))
@@ -276,6 +334,8 @@ def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, prog
     torch.manual_seed(cfg.seed)
     spec = ModelSpec(cfg.model, cfg.dim, dict(cfg.model_kwargs))
     model = create_embedding_model(spec, prep.channels)
+    check_input(model, prep.channels, prep.size)  # a ViT at another size, a size below the strides: one line, now
+    cfg = _start_from_pretrained(model, cfg, snapshots)
     if init_state is not None:
         try:
             model.load_state_dict(init_state, strict=True)
@@ -299,7 +359,7 @@ def train_edge(cfg: TrainConfig, cloud: Checkpoint, train_set: ImageSet, *, prog
 
             def target(x, idx):
                 with torch.no_grad():
-                    return cloud.model(x)
+                    return cloud.model(as_input_of(x, prep, cloud.preprocess))
         else:
             with distributed.main_first():  # rank 0 fills the cache file, the other ranks then read it
                 cached = cloud_targets(cloud, ds, progress=progress and distributed.is_main())  # read-only memory map

@@ -36,7 +36,8 @@ LOOSE_GATES = "[all]\ncompatibility_criterion = false\nmax_gap_to_paragon = 1.0\
     f"[precision.{p}]\nmin_drift_cosine = 0.0\nmin_top10_overlap = 0.0\n" for p in ("fp32", "fp16", "int8"))
 SHRINK_TRAIN_CLOUD = ["--cloud-epochs", "1", "--cloud-model", "test_resnet"]  # demo --train-cloud
 MODELS = {"resnet20": "test_resnet", "resnet32": "test_resnet", "mobilenet_w050": "test_mobilenet",
-          "resnet18": "mobilenet_v3_small"}  # the BYO example's torchvision model, shrunk too
+          "resnet18": "mobilenet_v3_small",  # the BYO example's torchvision model, shrunk too
+          "tv:resnet50": "tv:resnet18", "224": "32"}  # the real-resolution guide's cloud and size
 
 
 # one fresh process runs every command in order, each in its own directory, as `hetero ...` would (the

@@ -47,7 +47,6 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
     rows = [_row(reference, reference, "torch", scorer.paragon_metrics)]
 
     exports = []
-    q_inputs = None
     for name, ckpt in edges.items():
         q = np.asarray(cached_embeddings(ckpt, queries, progress=progress, desc=f"{name} queries"))
         if ckpt.role != "control":  # a control's own gallery is not part of the protocol
@@ -59,17 +58,15 @@ def score_models(cloud, edges: dict[str, Any], queries, gallery, *, artifacts: d
             if art.space != cloud.space:
                 raise HeteroError(f"artifact {artifacts[name]} was exported from cloud space {art.space[:12]}, not the "
                                   f"given cloud's {cloud.space[:12]}; export the edge model trained against this cloud")
-            check_preprocess(art.manifest, cloud, str(artifacts[name]))
-            if q_inputs is None:
-                q_inputs = prep.apply(queries.images)
+            check_preprocess(art.manifest, ckpt, str(artifacts[name]))
             with create_runner(artifacts[name], "onnxruntime") as runner:
-                q_art = runner.embed(q_inputs)
+                q_art = runner.embed(ckpt.preprocess.apply(queries.conform(ckpt.preprocess).images))
                 runtime = runner.runtime
             rows.append(_row(name, reference, runtime, scorer.score(q_art)))
             fid = fidelity(q, q_art)
             exports.append({"edge": name, "format": art.format, "precision": art.entry.get("precision"),
                             "path": str(art.path), "sha256": art.entry["sha256"], "min_cosine": fid["min_cosine"],
-                            "max_abs_diff": fid["max_abs_diff"], "num_inputs": len(q_inputs), "runtime": runtime,
+                            "max_abs_diff": fid["max_abs_diff"], "num_inputs": len(q_art), "runtime": runtime,
                             "label": "measured"})
     return {"retrieval": rows, "exports": exports}
 

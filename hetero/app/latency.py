@@ -10,7 +10,10 @@ convolution to one channel, less that context alone, so that its entry is its in
 as inside a model, no session call, no output hand-over); the contexts telescope over a chain of
 blocks. Each file is timed as ``devices.bench.bench`` times a runner (and ``hetero bench`` reports
 it): the runner's forward pass on a pre-validated batch, without ``embed``'s checks of the batch and
-the output, which cost tens of microseconds a call, as much as a small model's forward.
+the output, which cost tens of microseconds a call, as much as a small model's forward. On a torch
+profile (``host-torch``: the torch runner, which runs the checkpoint's module) nothing is exported:
+the same timed and context modules run in torch, as that runner runs them (eval mode, inference
+mode, the profile's device and threads).
 
 Limits seen on the 2-core host (``benchmarks/results/latency_lut.md``): blocks are timed with their
 weights warm in cache, so models whose weights outgrow the core's L2 run a few percent slower than
@@ -37,8 +40,20 @@ from devices.runner import Runner, runner_class
 from export.onnx import onnx_from_torch
 from hetero.errors import HeteroError
 from hetero.models.embedding import ModelSpec
-from hetero.nas.latency import (DEFAULT_INPUT, DEFAULT_PROFILE, STATS, BlockSpec, as_model, check_table,
-                                decompose, fit_overhead, load_table, missing_blocks, new_table, save_table)
+from hetero.nas.latency import (
+    DEFAULT_INPUT,
+    DEFAULT_PROFILE,
+    STATS,
+    BlockSpec,
+    as_model,
+    check_table,
+    decompose,
+    fit_overhead,
+    load_table,
+    missing_blocks,
+    new_table,
+    save_table,
+)
 
 Model = nn.Module | ModelSpec
 
@@ -90,9 +105,14 @@ def _summary(times_ns: list[int]) -> dict[str, float]:
 
 def _profile(name: str):
     p = get_profile(name)
-    if p.fmt != "onnx" or (p.precision or "fp32") != "fp32":
-        raise HeteroError(f"the latency table measures ONNX FP32 profiles (e.g. {DEFAULT_PROFILE}); {name} runs "
-                          f"{p.fmt}/{p.precision}")
+    torch_profile = p.fmt == "checkpoint" and p.runtime == "torch"
+    if (p.fmt != "onnx" and not torch_profile) or (p.precision or "fp32") != "fp32":
+        raise HeteroError(f"the latency table measures ONNX FP32 profiles (e.g. {DEFAULT_PROFILE}) and the torch "
+                          f"profiles (host-torch); {name} runs {p.fmt}/{p.precision}")
+    if torch_profile:
+        if str(p.settings.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
+            raise HeteroError(f"profile {name} cannot run here: no CUDA GPU")
+        return p, None
     cls = runner_class(p.runtime)
     why = cls.unavailable()
     if why:
@@ -117,6 +137,8 @@ def time_onnx_files(files: Sequence[tuple[str | Path, Sequence[int]]], *, profil
     files, so differences between them are fair. Statistics pool every timed call. Returns
     (statistics per file, the runtime string)."""
     p, cls = _profile(profile)
+    if cls is None:
+        raise HeteroError(f"profile {profile} runs torch modules, not ONNX files; time them with time_torch_modules")
     rng = np.random.default_rng(seed)
     times: list[list[int]] = [[] for _ in files]
     with contextlib.ExitStack() as stack:
@@ -137,6 +159,40 @@ def time_onnx_files(files: Sequence[tuple[str | Path, Sequence[int]]], *, profil
                 forward = _forward(r)
                 times[i] += time_calls(lambda: forward(x), warmup=warmup, iters=iters, budget_s=budget_s)
     return [_summary(t) for t in times], runtime
+
+
+def time_torch_modules(jobs: Sequence[tuple[nn.Module, Sequence[int]]], *, settings: dict[str, Any] | None = None,
+                       batch: int = 1, warmup: int = 10, iters: int | None = None, budget_s: float | None = 0.05,
+                       rounds: int = 5, seed: int = 0) -> tuple[list[dict[str, Any]], str]:
+    """Time torch modules (each with its input shape) as the torch runner runs a checkpoint's model
+    (eval, ``inference_mode``, the ``settings``' device and threads), interleaved over ``rounds`` like
+    ``time_onnx_files``. Returns (statistics per module, the runtime string)."""
+    settings = settings or {}
+    device = str(settings.get("device", "cpu"))
+    old = torch.get_num_threads()
+    if settings.get("threads"):
+        torch.set_num_threads(int(settings["threads"]))
+    try:
+        rng = np.random.default_rng(seed)
+        open_ = []
+        for m, shape in jobs:
+            x = torch.from_numpy(rng.standard_normal((batch, *(int(d) for d in shape))).astype(np.float32)).to(device)
+            open_.append((copy.deepcopy(m).to(device).eval(), x))
+        times: list[list[int]] = [[] for _ in open_]
+        with torch.inference_mode():
+            for m, x in open_:
+                if not torch.isfinite(m(x)).all():
+                    raise HeteroError(f"{type(m).__name__} gives non-finite outputs in torch; report the block")
+            for _ in range(rounds):
+                for i, (m, x) in enumerate(open_):
+                    def call(m=m, x=x):
+                        m(x)
+                        if device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                    times[i] += time_calls(call, warmup=warmup, iters=iters, budget_s=budget_s)
+    finally:
+        torch.set_num_threads(old)
+    return [_summary(t) for t in times], f"torch {torch.__version__} {device}"
 
 
 def _export(module: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
@@ -198,7 +254,8 @@ def measure(blocks: Iterable[BlockSpec] = (), models: Sequence[Model] = (),
         return table, []
     calls = f"{iters} calls" if iters else f"{budget_s} s of calls"
     protocol = {
-        "export": "onnx_from_torch (torch dynamo exporter, FP32, onnxslim-simplified)",
+        "export": "none: torch modules timed as the torch runner runs them (eval, inference_mode)" if p.fmt == "checkpoint"
+                  else "onnx_from_torch (torch dynamo exporter, FP32, onnxslim-simplified)",
         "timed": "1x1 conv -> block -> 1x1 conv to 1 channel, less 1x1 conv -> 1x1 conv to 1 channel on the block's "
                  "input shape (runner.forward, perf_counter_ns)",
         "interleaving": f"{rounds} rounds over the models of up to {chunk} blocks (and any whole models measured "
@@ -225,11 +282,19 @@ def measure(blocks: Iterable[BlockSpec] = (), models: Sequence[Model] = (),
             first_model = len(jobs)
             if last:
                 jobs += [(as_model(m, shape_in[0]), shape_in, Path(tmp) / f"model{i}.onnx") for i, m in enumerate(models)]
-            _export_all(jobs, progress)
-            if progress:
-                progress(f"timing {len(jobs)} ONNX models x {rounds} rounds")
-            stats, runtime = time_onnx_files([(path, shape) for _, shape, path in jobs], profile=profile, batch=batch,
-                                             warmup=warmup, iters=iters, budget_s=budget_s, rounds=rounds)
+            if p.fmt == "checkpoint":  # a torch profile: the modules themselves, nothing exported
+                if progress:
+                    progress(f"timing {len(jobs)} torch modules x {rounds} rounds")
+                stats, runtime = time_torch_modules([(m, shape) for m, shape, _ in jobs], settings=p.settings,
+                                                    batch=batch, warmup=warmup, iters=iters, budget_s=budget_s,
+                                                    rounds=rounds)
+            else:
+                _export_all(jobs, progress)
+                if progress:
+                    progress(f"timing {len(jobs)} ONNX models x {rounds} rounds")
+                stats, runtime = time_onnx_files([(path, shape) for _, shape, path in jobs], profile=profile,
+                                                 batch=batch, warmup=warmup, iters=iters, budget_s=budget_s,
+                                                 rounds=rounds)
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         for b, (ti, ci) in zip(part, index):
             t, c = stats[ti], stats[ci]

@@ -9,11 +9,15 @@ first. Cost: FLOPs or parameters (exact, analytic), or latency: predicted from a
 table (``--lut``: the sum of the subnet's block entries plus a per-model overhead; missing blocks are
 measured into the table as the search meets them), or without a table measured directly on a device
 profile's runner (ONNX export + the latency harness, batch 1; slow, for small spaces). Latencies are
-memoised per architecture.
+memoised per architecture. In a space with elastic resolution (``--space mbv3-224``) every subnet is
+scored, costed and timed at its own resolution: the validation and calibration images, loaded at the
+cloud's size, are resized to it; the look-up table (``build_lut``) holds blocks at every resolution
+the space can produce, each under its own key (a block's key has its input shape).
 
 Outputs: ``pareto.json`` (every evaluated candidate with cost and reward, the front, the best per
 budget), ``pareto.png``, and ``arch.json`` (the first budget's choice; ``arch-<budget>.json`` for
-each budget), which ``hetero train-edge --arch arch.json --init-from SUPERNET`` fine-tunes.
+each budget), which ``hetero train-edge --arch arch.json --init-from SUPERNET`` fine-tunes; an arch file also records the
+preprocessing the subnet takes (the cloud's, at the subnet's resolution: ``arch_preprocess``).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import json
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +41,9 @@ from export import export_checkpoint
 from hetero import distributed
 from hetero._atomic import atomic_dir, check_output_dest, write_json_atomic
 from hetero._progress import progress_bar
-from hetero.app.latency import calibrate_overhead, measure_lut
+from hetero.app.latency import measure, measure_lut
 from hetero.checkpoint import Checkpoint, load_checkpoint
-from hetero.data import Preprocess, load_dataset
+from hetero.data import ImageSet, Preprocess, load_dataset
 from hetero.embed import cloud_targets, embed_images
 from hetero.errors import HeteroError
 from hetero.metrics import retrieval_metrics
@@ -215,22 +219,71 @@ def latency_from_table(net: Supernet, arch: Arch, lut: str | Path, profile: str,
                               "pass a table of that profile or a new path")
         tables[profile] = table
     sp = net.space
-    shape = (sp.in_channels, sp.input_size, sp.input_size)
     if table.get("overhead_ms") is None:
-        rng = random.Random(seed)
-        calib = [net.extract(a) for a in (smallest(sp), largest(sp), sample(sp, rng), sample(sp, rng))]
-        calibrate_overhead(table, calib, input_shape=shape, path=path)
+        build_lut(net, path, profile, table=table, seed=seed)
     blocks = predictor.arch_blocks(arch, sp, net.dim)
     if predictor.missing_blocks(blocks, table):  # the modules to export come from the extracted subnet
-        measure_lut(predictor.decompose(net.extract(arch), shape), table, profile=table["profile"],
-                    batch=table["batch"], path=path)
+        measure_lut(predictor.decompose(net.extract(arch), predictor.arch_input_shape(arch, sp)), table,
+                    profile=table["profile"], batch=table["batch"], path=path)
     return predictor.predict_latency(blocks, table)
+
+
+def calibration_archs(space: SearchSpace, seed: int = 0) -> list[Arch]:
+    """The subnets the per-model overhead is calibrated on: the smallest, the largest, two random ones
+    and, in an elastic-resolution space, a random one at each resolution none of those has."""
+    rng = random.Random(seed)
+    archs = [smallest(space), largest(space), sample(space, rng), sample(space, rng)]
+    have = {a.resolution for a in archs}
+    archs += [replace(sample(space, rng), resolution=r) for r in space.resolutions if r not in have]
+    return archs
+
+
+def build_lut(net: Supernet, lut: str | Path | None, profile: str = predictor.DEFAULT_PROFILE, *,
+              table: dict[str, Any] | None = None, every_block: bool = False, seed: int = 0,
+              **measure_kw: Any) -> dict[str, Any]:
+    """The latency look-up table of the supernet's space, measured on this host's runtime for
+    ``profile`` (``host-cpu-1thread``: onnxruntime; ``host-torch``: torch) at every resolution the
+    space can produce. With ``every_block`` it measures every distinct block of the space
+    (``hetero.nas.latency.space_blocks``: a full table, for small spaces; a big space's table grows
+    with the search instead); then, if the table has no per-model overhead, it measures the
+    calibration subnets (``calibration_archs``) whole and block by block at their resolutions and
+    fits the overhead. ``table``: a table to extend (else ``lut`` is read if it exists); saved to
+    ``lut`` after each measurement; ``measure_kw`` (rounds, warmup, iters, budget_s) go to
+    ``hetero.app.latency.measure``. Returns the table."""
+    path = Path(lut) if lut is not None else None
+    if table is None:
+        table = predictor.load_table(path) if path is not None and path.exists() else predictor.new_table(profile)
+    kw = dict(profile=table["profile"], batch=table["batch"], path=path, **measure_kw)
+    if every_block:
+        measure(predictor.space_blocks(net.space, net.dim), (), table, **kw)
+    if table.get("overhead_ms") is None:
+        archs = calibration_archs(net.space, seed)
+        decomposed, measured, labels = [], [], []
+        for res in sorted({a.input_size(net.space) for a in archs}):  # one timing pass per input shape
+            group = [a for a in archs if a.input_size(net.space) == res]
+            shape = predictor.arch_input_shape(group[0], net.space)
+            models = [net.extract(a) for a in group]
+            dec = [predictor.decompose(m, shape) for m in models]
+            _, stats = measure([b for bl in dec for b in bl], models, table, input_shape=shape, **kw)
+            decomposed += dec
+            measured += stats
+            labels += [json.loads(a.key()) for a in group]
+        predictor.fit_overhead(table, decomposed, measured, labels)
+        if path is not None:
+            predictor.save_table(table, path)
+    return table
+
+
+def arch_preprocess(prep: Preprocess, arch: Arch, space: SearchSpace) -> Preprocess:
+    """The preprocessing a searched subnet takes: the cloud's (channels, mean/std, crop), at the
+    subnet's resolution (its gene; the space's fixed input size otherwise)."""
+    return replace(prep, size=arch.input_size(space))
 
 
 def latency_on_device(net: Supernet, arch: Arch, meta: dict[str, Any], profile: str) -> float:
     """Batch-1 p50 (ms) of the extracted subnet, exported to ONNX, on the profile's runner here."""
     model = net.extract(arch)
-    prep = Preprocess.from_dict(meta["preprocess"])
+    prep = arch_preprocess(Preprocess.from_dict(meta["preprocess"]), arch, net.space)
     ckpt = Checkpoint("edge", ModelSpec("nas_mbv3", int(meta["dim"]), {"arch": arch.to_dict(), "space": meta["space"]}),
                       model, None, prep, tuple(meta["classes"]), space=meta["cloud_space"])
     with tempfile.TemporaryDirectory() as d:
@@ -261,20 +314,24 @@ class SearchResult:
         return dict(self.pareto["best"])
 
 
-def search(supernet: str | Path, cloud: str | Path, budgets: list[str], *, data: str | None = None,
+def search(supernet: str | Path, cloud: str | Path, budgets: list[str], *, data: str | ImageSet | None = None,
            out: str | Path, cfg: SearchConfig = SearchConfig(), progress: bool = True, log=print) -> SearchResult:
     """`hetero search`: the evolutionary search of the supernet for every budget (``flops=0.8M``,
     ``params=50k``, ``latency=0.5ms@PROFILE``), scored in the cloud's space on a validation split of
-    the training data; writes ``out`` (pareto.json, pareto.png, arch.json and one arch file per budget)."""
+    the training data (``data``: its folder or name, or the training ``ImageSet`` itself); writes ``out``
+    (pareto.json, pareto.png, arch.json and one arch file per budget)."""
     parsed = parse_budgets(budgets)
     out_dir = Path(out)
     check_output_dest(out_dir, "search", True, _legacy_search)
     net, meta = load_supernet(supernet)
+    if cfg.finetune_top and net.space.resolutions:
+        raise HeteroError("--finetune-top does not yet work on a space with elastic resolution (train-edge trains at the "
+                          "cloud's input size, not the subnet's); leave it at 0 and fine-tune the chosen arch.json")
     cloud_ckpt = load_checkpoint(cloud, role="cloud")
     if meta.get("cloud_space") != cloud_ckpt.space:
         raise HeteroError(f"supernet {supernet} was trained into cloud space {str(meta.get('cloud_space'))[:12]}, but "
                           f"--cloud {cloud} is {cloud_ckpt.space[:12]}; pass the cloud it was trained against")
-    train = load_dataset(data, "train", progress=progress)
+    train = data if isinstance(data, ImageSet) else load_dataset(data, "train", progress=progress)
     t0 = time.perf_counter()
     ev = Evaluator(net, meta, cloud_ckpt, train, cfg, progress=progress)
     cand = ev.candidates
@@ -331,8 +388,11 @@ def search(supernet: str | Path, cloud: str | Path, budgets: list[str], *, data:
         "recalibration included)")
     with atomic_dir(out_dir, "search", True, _legacy_search) as tmp:
         write_json_atomic(tmp / "pareto.json", result)
+        cloud_prep = Preprocess.from_dict(meta["preprocess"])
         for i, b in enumerate(parsed):
+            chosen = Arch.from_dict(best[b.text]["arch"], net.space)
             arch_doc = {"format": ARCH_FORMAT, "space": meta["space"], "arch": best[b.text]["arch"], "budget": b.text,
+                        "preprocess": arch_preprocess(cloud_prep, chosen, net.space).to_dict(),
                         "cost": best[b.text]["cost"], "flops": best[b.text]["flops"], "params": best[b.text]["params"],
                         "val_map_at_r": best[b.text]["map_at_r"],
                         "val_map_at_r_finetuned": best[b.text].get("finetuned_map_at_r"), "supernet": str(supernet),
@@ -364,7 +424,9 @@ def pareto_plot(result: dict[str, Any]) -> bytes | None:
         ax.scatter([r["flops"] / 1e6], [r["map_at_r"]], marker="*", s=120, color="C2", zorder=5)
         ax.annotate(text, (r["flops"] / 1e6, r["map_at_r"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("MFLOPs per image (28x28)")
+    sizes = result["space"].get("resolutions") or [result["space"].get("input_size", 28)]
+    at = f"{sizes[0]}x{sizes[0]}" if len(sizes) == 1 else "at the subnet's resolution"
+    ax.set_xlabel(f"MFLOPs per image ({at})")
     ax.set_ylabel("edge->cloud mAP@R (validation split)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -375,7 +437,9 @@ def pareto_plot(result: dict[str, Any]) -> bytes | None:
 
 
 def read_arch(path: str) -> tuple[Arch, SearchSpace]:
-    """(Arch, SearchSpace) from an arch.json written by `hetero search` (or a bare arch dict), validated."""
+    """(Arch, SearchSpace) from an arch.json written by `hetero search` (or a bare arch dict), validated.
+    An arch of an elastic-resolution space runs at its ``resolution``: the checkpoint made from it
+    takes ``arch_preprocess(cloud preprocessing, arch, space)``, as the file's ``preprocess`` records."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

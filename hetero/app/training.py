@@ -4,7 +4,7 @@ atomically (rank 0 alone under torchrun)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from hetero.data.loader import pixel_stats
 from hetero.errors import HeteroError
 from hetero.imported_cloud import fit_classifier as _fit_classifier
 from hetero.imported_cloud import import_cloud as _import_cloud
+from hetero.models.library import PREFIXES, library_defaults
+from hetero.models.library_weights import find_pretrained
 from hetero.nas.train import SupernetConfig, load_supernet
 from hetero.nas.train import train_supernet as _train_supernet
 from hetero.train import TrainConfig
@@ -39,9 +41,32 @@ class TrainResult:
         return self.checkpoint.space
 
 
-def normalisation(train: ImageSet) -> Preprocess:
-    """The preprocessing a cloud trained on ``train`` uses: Fashion-MNIST's published statistics, else
-    the per-channel mean and std of the training images (streamed from the files for a folder)."""
+def real_resolution(model: str, size: int | None) -> tuple[int | None, float | None, dict[str, Any] | None]:
+    """``(size, crop, the library's defaults)`` a cloud of ``model`` reads its images at: a
+    ``tv:``/``timm:`` model at ``size`` or its native size, centre-cropped as its library evaluates
+    (ImageNet: 0.875); any other model at ``size`` (None: the data's own), squashed."""
+    lib = library_defaults(model) if model.startswith(PREFIXES) else None
+    if lib is None:
+        return size, None, None
+    return size or int(lib["size"]), float(lib["crop"]), lib
+
+
+def normalisation(train: ImageSet, size: int | None = None, model: str | None = None) -> Preprocess:
+    """The preprocessing a cloud of ``model`` trained on ``train`` uses, at ``size`` (default: the
+    model's native size for a ``tv:``/``timm:`` model, else the images'):
+
+    - a ``tv:``/``timm:`` model on colour images: its library's mean and std (ImageNet's) and centre crop;
+    - Fashion-MNIST: its published statistics;
+    - else the per-channel mean and std of the training images (streamed from the files for a folder)."""
+    size, crop, lib = real_resolution(model or "", size)
+    c = train.images.shape[-1]
+    if lib is not None and c == 3:
+        return Preprocess(size, c, tuple(lib["mean"]), tuple(lib["std"]), crop)
+    own = _own_statistics(train)
+    return replace(own, size=size or own.size, crop=crop)
+
+
+def _own_statistics(train: ImageSet) -> Preprocess:
     c = train.images.shape[-1]
     if train.name.startswith("fashion-mnist"):
         return FASHION_MNIST_PREPROCESS
@@ -93,13 +118,16 @@ def train_cloud(out: str | Path | None = None, *, data: str | None = None,
             options["model"] = "resnet20"
         cfg = train_config(options if options is not None else {"model": "resnet20"})
     check_checkpoint_dest(out, "cloud", overwrite)
+    if state is None and cfg.pretrained is not None:  # a wrong --pretrained fails before the data are read
+        find_pretrained(cfg.model, cfg.pretrained)
     snaps = snapshots_for("train-cloud", state, {"command": "train-cloud", "out": absolute(str(out)),
                                                   "data": data_source(data), "overwrite": overwrite},
                           out=out, resume=resume, state_dir=state_dir, save_every=save_every, overwrite=overwrite,
                           main=distributed.is_main())
     distributed.barrier()
-    train = load_dataset(data, "train", progress=progress and distributed.is_main())
-    prep = normalisation(train)
+    size, crop, _ = real_resolution(cfg.model, cfg.size)
+    train = load_dataset(data, "train", progress=progress and distributed.is_main(), size=size, crop=crop)
+    prep = normalisation(train, cfg.size, cfg.model)
     result = _train_and_save(lambda: _train_cloud(cfg, train, prep, progress=progress, snapshots=snaps), out, overwrite,
                              snaps, "train-cloud")
     distributed.barrier()
@@ -145,6 +173,8 @@ def train_edge(cloud: str | Path | None = None, out: str | Path | None = None, *
             the_arch, search_space = read_arch(arch)
             options["model"] = "nas_mbv3"
             fixed["model_kwargs"] = {"arch": the_arch.to_dict(), "space": search_space.to_dict()}
+            if search_space.resolutions and options.get("size") is None:  # elastic resolution: the subnet's own
+                fixed["size"] = the_arch.input_size(search_space)
         options.setdefault("model", None)
         options["model"] = options["model"] or "mobilenet_w050"
         cloud_ckpt = load_checkpoint(cloud, role="cloud")
@@ -160,6 +190,8 @@ def train_edge(cloud: str | Path | None = None, out: str | Path | None = None, *
             init_state = net.extract(the_arch).state_dict()
         cfg = train_config(options, **fixed)
     check_checkpoint_dest(out, "edge" if cfg.compat else "control", overwrite)
+    if state is None and cfg.pretrained is not None:  # a wrong --pretrained fails before the data are read
+        find_pretrained(cfg.model, cfg.pretrained)
     snaps = snapshots_for("train-edge", state, {"command": "train-edge", "out": absolute(str(out)),
                                                  "data": data_source(data), "cloud": absolute(str(cloud)),
                                                  "cloud_space": cloud_ckpt.space, "overwrite": overwrite},

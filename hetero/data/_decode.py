@@ -27,10 +27,10 @@ def probe_mode(path: str | Path) -> str:
         raise HeteroError(str(e)) from None
 
 
-def load_one(path: str | Path, size: int, channels: int | None) -> tuple[np.ndarray, bool]:
+def load_one(path: str | Path, size: int, channels: int | None, crop: float | None = None) -> tuple[np.ndarray, bool]:
     """Image as uint8 ``[size, size, 3 or 1]`` plus whether it has colour (R, G, B not all equal);
-    see :func:`devices.images.decode_image`."""
+    see :func:`devices.images.decode_image` (``crop``: shorter-side resize and centre crop)."""
     try:
-        return images.decode_image(path, size, channels)
+        return images.decode_image(path, size, channels, crop)
     except images.ImageError as e:
         raise HeteroError(str(e)) from None

@@ -28,7 +28,7 @@ from hetero.locations import cache_dir
 
 _FORMAT = b"hetero-image-cache-v1"
 # the names this module gives: decoded pixels and per-file sha256s (anything else there is not hetero's)
-_NAMES = re.compile(r"^[0-9a-f]{24}(-\d+x\d+x\d+x\d+-(auto|L|RGB)\.npy|\.sha256)$")
+_NAMES = re.compile(r"^[0-9a-f]{24}(-\d+x\d+x\d+x\d+-(auto|L|RGB)(-c\d+)?\.npy|\.sha256)$")
 
 
 def images_dir() -> Path:
@@ -44,10 +44,11 @@ def files_key(paths: np.ndarray, stats: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def image_cache_path(key: str, shape: tuple[int, ...], convert: int | None) -> Path:
+def image_cache_path(key: str, shape: tuple[int, ...], convert: int | None, crop: float | None = None) -> Path:
     n, h, w, c = shape
     mode = {None: "auto", 1: "L", 3: "RGB"}[convert]
-    return images_dir() / f"{key[:24]}-{n}x{h}x{w}x{c}-{mode}.npy"
+    cut = "" if crop is None else f"-c{round(crop * 10000):d}"  # a centre-cropped decode is another file
+    return images_dir() / f"{key[:24]}-{n}x{h}x{w}x{c}-{mode}{cut}.npy"
 
 
 def is_cache_name(name: str) -> bool:

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from devices.images import ImageError, open_image
 from hetero._progress import progress_bar
 from hetero.data import _image_cache as icache
 from hetero.data._decode import load_one
+from hetero.data.augment import ImagenetAugment, image_seeds
 from hetero.errors import HeteroError
 
 _EAGER_GB_ENV = "HETERO_MAX_EAGER_GB"
@@ -55,8 +57,9 @@ class _Decoder:
     """Turns global row numbers into a uint8 batch; small and picklable (what a worker gets)."""
 
     def __init__(self, paths: np.ndarray, size: int, channels: int, convert: int | None,
-                 cache: tuple[Path, int] | None):
+                 cache: tuple[Path, int] | None, crop: float | None = None):
         self.paths, self.size, self.channels, self.convert, self.cache = paths, size, channels, convert, cache
+        self.crop = crop
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         shape = (len(self.paths), self.size, self.size, self.channels)
@@ -64,8 +67,29 @@ class _Decoder:
             return icache.read_rows(self.cache[0], self.cache[1], shape, rows)
         out = np.empty((len(rows), self.size, self.size, self.channels), dtype=np.uint8)
         for i, r in enumerate(rows):
-            arr, _ = load_one(os.fsdecode(self.paths[r]), self.size, self.convert)
+            arr, _ = load_one(os.fsdecode(self.paths[r]), self.size, self.convert, self.crop)
             out[i] = arr[..., :self.channels]  # an auto-grey set decodes RGB and keeps R, as the eager loader did
+        return out
+
+
+class _AugmentingDecoder:
+    """``(rows, batch seed)`` -> a uint8 batch augmented from the original files (``imagenet``:
+    :class:`~hetero.data.augment.ImagenetAugment`), one seed per image; what a worker gets."""
+
+    def __init__(self, paths: np.ndarray, size: int, channels: int, convert: int | None):
+        self.paths, self.convert = paths, convert
+        self.augment = ImagenetAugment(size, channels)
+        self.shape = (size, size, channels)
+
+    def __call__(self, item: tuple[np.ndarray, int]) -> np.ndarray:
+        rows, seed = item
+        out = np.empty((len(rows), *self.shape), dtype=np.uint8)
+        for i, (r, s) in enumerate(zip(rows, image_seeds(seed, len(rows)))):
+            path = os.fsdecode(self.paths[r])
+            try:
+                out[i] = self.augment(open_image(path, self.convert), s)
+            except ImageError as e:
+                raise HeteroError(str(e)) from None
         return out
 
 
@@ -76,7 +100,7 @@ class _BatchDataset:
     def __init__(self, decode: _Decoder):
         self.decode = decode
 
-    def __getitem__(self, rows: np.ndarray) -> Any:
+    def __getitem__(self, rows: Any) -> Any:
         try:
             return torch.from_numpy(self.decode(rows))
         except HeteroError as e:
@@ -87,7 +111,7 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def stream(decode: _Decoder, orders: Sequence[np.ndarray], num_workers: int) -> Iterator[np.ndarray]:
+def stream(decode: Any, orders: Sequence[Any], num_workers: int) -> Iterator[np.ndarray]:
     """``decode(order)`` for each order, in order; in ``num_workers`` processes when that helps."""
     if num_workers <= 0 or len(orders) <= 1:
         for rows in orders:
@@ -95,7 +119,10 @@ def stream(decode: _Decoder, orders: Sequence[np.ndarray], num_workers: int) -> 
         return
 
     loader = DataLoader(_BatchDataset(decode), batch_size=None, sampler=list(orders), collate_fn=_identity,
-                        num_workers=min(num_workers, len(orders)), prefetch_factor=2)
+                        num_workers=min(num_workers, len(orders)), prefetch_factor=2,
+                        # its own generator: starting workers must not draw from the training process's (dropout
+                        # and stochastic depth would then depend on the number of workers); decoding seeds itself
+                        generator=torch.Generator().manual_seed(0))
     for item in loader:
         if isinstance(item, str):
             raise HeteroError(item)
@@ -110,9 +137,11 @@ class FolderImages:
 
     def __init__(self, paths: np.ndarray, stats: np.ndarray, size: int, channels: int, convert: int | None, *,
                  label: str, rows: np.ndarray | None = None, use_cache: bool = False,
-                 num_workers: int | None = None, progress: bool = True, _shared: dict | None = None):
+                 num_workers: int | None = None, progress: bool = True, _shared: dict | None = None,
+                 crop: float | None = None):
         self._paths, self._stats = paths, stats
         self.size, self.channels, self.convert = int(size), int(channels), convert
+        self.crop = None if crop is None else float(crop)  # None: squashed; else shorter side to size/crop, centre cut
         self.label, self._rows = label, rows
         self.use_cache, self.num_workers, self.progress = use_cache, num_workers, progress
         # per file list, shared by subsets and conformed copies: its key and per-file sha256s
@@ -151,7 +180,7 @@ class FolderImages:
         return rows if self._rows is None else self._rows[rows]
 
     def _decoder(self) -> _Decoder:
-        return _Decoder(self._paths, self.size, self.channels, self.convert, self._cache)
+        return _Decoder(self._paths, self.size, self.channels, self.convert, self._cache, self.crop)
 
     def _index(self, key: Any) -> np.ndarray:
         idx = np.arange(len(self))[key]
@@ -206,20 +235,22 @@ class FolderImages:
         return np.asarray(self).astype(dtype, **kw)
 
     # ------------------------------------------------------------------ derived sets
-    def _derive(self, *, rows: np.ndarray | None, size: int, channels: int, convert: int | None) -> FolderImages:
+    def _derive(self, *, rows: np.ndarray | None, size: int, channels: int, convert: int | None,
+                crop: float | None) -> FolderImages:
         return FolderImages(self._paths, self._stats, size, channels, convert, label=self.label, rows=rows,
                             use_cache=self.use_cache, num_workers=self.num_workers, progress=self.progress,
-                            _shared=self._shared)
+                            _shared=self._shared, crop=crop)
 
     def take(self, idx: np.ndarray) -> FolderImages:
         """The images at ``idx`` (positions in this set), still lazy."""
         idx = np.asarray(idx, dtype=np.int64)
         return self._derive(rows=self._global(idx % max(len(self), 1)), size=self.size, channels=self.channels,
-                            convert=self.convert)
+                            convert=self.convert, crop=self.crop)
 
-    def with_params(self, size: int, channels: int) -> FolderImages:
-        """The same files decoded at another size / channel count (from the originals, not resampled)."""
-        return self._derive(rows=self._rows, size=size, channels=channels, convert=channels)
+    def with_params(self, size: int, channels: int, crop: float | None = None) -> FolderImages:
+        """The same files decoded at another size / channel count / centre crop (from the originals,
+        not resampled)."""
+        return self._derive(rows=self._rows, size=size, channels=channels, convert=channels, crop=crop)
 
     # ------------------------------------------------------------------ batches, cache, digest
     def batches(self, orders: Sequence[np.ndarray], num_workers: int | None = None) -> Iterator[np.ndarray]:
@@ -231,15 +262,26 @@ class FolderImages:
             num_workers = 0
         return stream(self._decoder(), [self._global(np.asarray(o, dtype=np.int64)) for o in orders], num_workers)
 
+    def augmented_batches(self, orders: Sequence[np.ndarray], seeds: Sequence[int],
+                          num_workers: int | None = None) -> Iterator[np.ndarray]:
+        """uint8 batches of the rows in each of ``orders``, each image drawn by the ``imagenet``
+        augmentation from its original file (never the cache: a random crop needs the full picture)
+        with a seed from the batch's seed in ``seeds``; the same whatever the number of workers."""
+        if num_workers is None:
+            num_workers = self.num_workers if self.num_workers is not None else default_workers()
+        decode = _AugmentingDecoder(self._paths, self.size, self.channels, self.convert)
+        items = [(self._global(np.asarray(o, dtype=np.int64)), int(s)) for o, s in zip(orders, seeds, strict=True)]
+        return stream(decode, items, num_workers)
+
     def _open_or_build_cache(self) -> tuple[Path, int]:
         full = (len(self._paths), self.size, self.size, self.channels)
-        path = icache.image_cache_path(self._shared["key"], full, self.convert)
+        path = icache.image_cache_path(self._shared["key"], full, self.convert, self.crop)
         offset = icache.open_image_cache(path, full)
         if offset is None:
             n, step = full[0], 256
             orders = [np.arange(i, min(i + step, n)) for i in range(0, n, step)]
             workers = self.num_workers if self.num_workers is not None else os.cpu_count() or 1
-            decode = _Decoder(self._paths, self.size, self.channels, self.convert, None)
+            decode = _Decoder(self._paths, self.size, self.channels, self.convert, None, self.crop)
             bar = progress_bar(total=n, desc=f"caching {self.label}", unit="img", leave=False,
                                disable=not self.progress or n <= 1000)
 
@@ -264,7 +306,7 @@ class FolderImages:
     def digest(self, labels: np.ndarray) -> str:
         """sha256 over the decode parameters, each file's content hash (row order) and the labels."""
         h = hashlib.sha256(b"hetero-folder-images-v1")
-        h.update(repr((self.shape, self.convert)).encode())
+        h.update(repr((self.shape, self.convert) if self.crop is None else (self.shape, self.convert, self.crop)).encode())
         h.update(self.file_hashes().tobytes())
         h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
         return h.hexdigest()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.images import IMAGE_EXTENSIONS, is_image_file, list_images
+from devices.images import IMAGE_EXTENSIONS, check_crop, is_image_file, list_images
 from hetero._progress import progress_bar
 from hetero.data._decode import GREY_MODES, load_one, probe_mode, shown
 from hetero.data._decode import load_one as _load_one  # noqa: F401  (its old name)
@@ -123,10 +123,11 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
 
 def load_image_folder(
     root: str | Path, split: str, size: int | None = None, channels: int | None = None, *, progress: bool = True,
-    lazy: bool = True, cache: bool | None = None, num_workers: int | None = None,
+    lazy: bool = True, cache: bool | None = None, num_workers: int | None = None, crop: float | None = None,
 ) -> ImageSet:
     """Index one split of an ImageFolder; images are decoded, resized to ``size`` (default 32) square,
-    when a batch of them is used.
+    when a batch of them is used: squashed, or with ``crop`` (a fraction, e.g. 0.875) their shorter side
+    resized to ``size / crop`` and the centre cut out.
 
     ``root/train`` + ``root/test`` (or ``val``, ``valid``, ``validation``) are used as splits when
     present (see :func:`split_dirs`); otherwise each class's sorted files are split deterministically:
@@ -152,6 +153,9 @@ def load_image_folder(
         raise HeteroError(f"image size must be a positive integer, got {size!r}")
     if channels not in (None, 1, 3):
         raise HeteroError(f"channels must be 1 or 3, got {channels!r}")
+    problem = check_crop(crop)
+    if problem:
+        raise HeteroError(f"image {problem}")
 
     dirs = split_dirs(root)
     if dirs is not None:
@@ -197,7 +201,7 @@ def load_image_folder(
     use_cache = _env_flag(_CACHE_ENV) if cache is None else bool(cache)
     lazy_images = FolderImages(np.array([os.fsencode(os.path.abspath(p)) for p in paths]), stats, size, out_channels,
                                channels, label=shown(f"{folder}/{split}" if dirs is None else folder),
-                               use_cache=use_cache, num_workers=num_workers, progress=progress)
+                               use_cache=use_cache, num_workers=num_workers, progress=progress, crop=crop)
     images = lazy_images if lazy else lazy_images.load()
     return ImageSet(images, labels, tuple(classes), f"folder:{shown(root.resolve())}/{split}")
 

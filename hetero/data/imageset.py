@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from devices.artifact import MAX_IMAGE_SIZE
+from devices.images import check_crop, resize_crop
 from hetero.data.folder_images import FolderImages
 from hetero.errors import HeteroError
 
@@ -20,12 +21,16 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How uint8 images become model inputs: square size, channel count, per-channel mean/std."""
+    """How uint8 images become model inputs: square size, channel count, per-channel mean/std, and how
+    an image is brought to the square: squashed (``crop`` None, hetero's 28-px models) or, with a
+    ``crop`` fraction, its shorter side resized to ``size / crop`` and the centre cut out (ImageNet
+    evaluation: 0.875, 256 -> 224)."""
 
     size: int
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
@@ -44,10 +49,19 @@ class Preprocess:
             raise HeteroError(f"preprocess mean must be finite numbers, got {self.mean}")
         if not all(math.isfinite(s) and s > 0 for s in self.std):
             raise HeteroError(f"preprocess std must be positive finite numbers, got {self.std}")
+        problem = check_crop(self.crop)
+        if problem:
+            raise HeteroError(f"preprocess {problem}")
+        if self.crop is not None:
+            object.__setattr__(self, "crop", float(self.crop))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (stored in checkpoints and manifests)."""
-        return {"size": self.size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std)}
+        """JSON-serialisable form (stored in checkpoints and manifests); ``crop`` only when set, so a
+        squashing preprocess reads as it always has."""
+        d: dict[str, Any] = {"size": self.size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std)}
+        if self.crop is not None:
+            d["crop"] = self.crop
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
@@ -55,9 +69,10 @@ class Preprocess:
         if not isinstance(d, dict):
             raise HeteroError(f"preprocess must be a mapping with size/channels/mean/std, got {type(d).__name__}")
         keys = {"size", "channels", "mean", "std"}
-        if set(d) != keys:
+        if not keys <= set(d) <= keys | {"crop"}:
             raise HeteroError(
-                f"preprocess needs exactly the keys {sorted(keys)}, got {sorted(d)}; fix the config or manifest"
+                f"preprocess needs exactly the keys {sorted(keys)} (and an optional crop), got {sorted(d)}; "
+                "fix the config or manifest"
             )
         try:
             mean = tuple(float(m) for m in d["mean"])
@@ -71,7 +86,7 @@ class Preprocess:
             size = int(size)
         if isinstance(channels, float) and channels.is_integer():
             channels = int(channels)
-        return cls(size=size, channels=channels, mean=mean, std=std)
+        return cls(size=size, channels=channels, mean=mean, std=std, crop=d.get("crop"))
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[N, size, size, channels]`` -> float32 ``[N, channels, size, size]``, normalised."""
@@ -188,17 +203,21 @@ class ImageSet:
         return self._digest[0]
 
     def conform(self, prep: Preprocess) -> ImageSet:
-        """Resize (bilinear) and convert channels to match ``prep``; ``self`` if already matching.
+        """Resize (bilinear; with ``prep.crop`` a shorter-side resize and a centre crop) and convert
+        channels to match ``prep``; ``self`` if already matching.
 
-        A lazy set is not resampled: it decodes its files at ``prep``'s size and channels instead."""
+        A lazy set is not resampled: it decodes its files at ``prep``'s size, crop and channels instead."""
         _, h, w, c = self.images.shape
-        if (h, w, c) == (prep.size, prep.size, prep.channels):
-            return self
         if self.lazy:  # decode the originals at the new size, rather than resample decoded images
-            return ImageSet(self.images.with_params(prep.size, prep.channels), self.labels, self.classes, self.name)
+            imgs = self.images
+            if (imgs.size, imgs.channels, imgs.crop) == (prep.size, prep.channels, prep.crop):
+                return self
+            return ImageSet(imgs.with_params(prep.size, prep.channels, prep.crop), self.labels, self.classes, self.name)
+        if (h, w, c) == (prep.size, prep.size, prep.channels) and (prep.crop is None or h == w):
+            return self  # a square image's centre crop at its own size is itself
         imgs = self.images
         if (h, w) != (prep.size, prep.size):
-            imgs = _resize(imgs, prep.size)
+            imgs = _resize(imgs, prep.size, prep.crop)
         if c != prep.channels:
             if prep.channels == 3:
                 imgs = np.repeat(imgs, 3, axis=3)
@@ -208,13 +227,14 @@ class ImageSet:
         return ImageSet(np.ascontiguousarray(imgs), self.labels, self.classes, self.name)
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of every image to ``size x size`` with PIL."""
+def _resize(images: np.ndarray, size: int, crop: float | None = None) -> np.ndarray:
+    """Every image to ``size x size`` with PIL: a bilinear squash, or with ``crop`` the devices'
+    shorter-side resize and centre crop (:func:`devices.images.resize_crop`)."""
 
     n, _, _, c = images.shape
     out = np.empty((n, size, size, c), dtype=np.uint8)
     for i in range(n):
         img = images[i, :, :, 0] if c == 1 else images[i]
-        r = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+        r = np.asarray(resize_crop(Image.fromarray(img), size, crop))
         out[i] = r.reshape(size, size, c)
     return out

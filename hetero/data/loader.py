@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hetero.data._decode import shown
+from hetero.data.augment import IMAGENET, PAD_CROP, augment_arrays, check_policy
 from hetero.data.fashion_mnist import FILES, find_fashion_mnist, has_fashion_mnist, load_fashion_mnist
 from hetero.data.image_folder import is_image_folder, load_image_folder
 from hetero.data.imageset import ImageSet, Preprocess
@@ -49,12 +50,13 @@ def load_dataset(
     progress: bool = True,
     cache: bool | None = None,
     num_workers: int | None = None,
+    crop: float | None = None,
 ) -> ImageSet:
     """Resolve ``--data`` and load ``split`` ("train" or "test").
 
     ``None``: Fashion-MNIST wherever it is found (or downloaded); ``"synthetic:"`` (or bare
     ``"synthetic"`` where no path of that name exists, see :func:`is_synthetic`): the unit-test set;
-    a folder: Fashion-MNIST IDX files or an ImageFolder. ``size``/``channels`` only steer how
+    a folder: Fashion-MNIST IDX files or an ImageFolder. ``size``/``channels``/``crop`` only steer how
     ImageFolder images are decoded (use ``ImageSet.conform`` to match a model's preprocessing);
     ``progress=False`` hides the ImageFolder loading bar. An ImageFolder is streamed: ``cache`` and
     ``num_workers`` go to :func:`~hetero.data.image_folder.load_image_folder`.
@@ -84,7 +86,7 @@ def load_dataset(
         return load_fashion_mnist(root, split)
     if is_image_folder(root):
         return load_image_folder(root, split, size=size, channels=channels, progress=progress, cache=cache,
-                                 num_workers=num_workers)
+                                 num_workers=num_workers, crop=crop)
     raise HeteroError(
         f"--data {shown(data)}: neither the four Fashion-MNIST IDX files ({', '.join(FILES)}, raw or .gz) "
         f"nor class sub-folders found; pass one of those layouts{also}"
@@ -98,16 +100,20 @@ def iterate_batches(
     *,
     shuffle: bool = False,
     seed: int = 0,
-    augment: bool = False,
+    augment: bool | str = False,
     drop_last: bool = False,
     indices: np.ndarray | None = None,
     num_workers: int | None = None,
+    batch_seeds: Sequence[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Batches ``(x float32 [B,C,H,W], y int64 [B], idx int64 [B])``, preprocessed one at a time.
 
-    ``shuffle`` permutes with ``seed`` (pass a different seed per epoch). ``augment`` adds a random
-    horizontal flip and a random crop after padding 2 px of black (fill 0 before normalisation,
-    as torchvision does), drawn from a generator seeded with ``seed``. ``indices``: draw exactly these
+    ``shuffle`` permutes with ``seed`` (pass a different seed per epoch). ``augment`` True or
+    ``"pad-crop"`` adds a random horizontal flip and a random crop after padding 2 px of black (fill 0
+    before normalisation, as torchvision does), drawn from a generator seeded with ``seed``;
+    ``"imagenet"`` draws each image by RandomResizedCrop, flip and colour jitter
+    (:mod:`hetero.data.augment`) from its original file, in the decoding workers, seeded per batch by
+    ``batch_seeds`` (default: from ``seed`` and the batch's number). ``indices``: draw exactly these
     rows, in this order (``shuffle`` is then ignored); a resumed or sharded (DDP) training loop
     passes its own order. Arguments are checked at call time, not at the first ``next``.
 
@@ -130,23 +136,35 @@ def iterate_batches(
             raise HeteroError(f"{ds.name}: batch indices must be a 1-D array within 0..{len(ds) - 1}")
     if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0):
         raise HeteroError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-    return _batches(ds, prep, batch_size, shuffle, seed, augment, drop_last, indices, num_workers)
+    policy = check_policy(augment)
+    if policy == "auto":
+        policy = PAD_CROP
+    return _batches(ds, prep, batch_size, shuffle, seed, policy, drop_last, indices, num_workers, batch_seeds)
 
 
 def _batches(
-    ds: ImageSet, prep: Preprocess, batch_size: int, shuffle: bool, seed: int, augment: bool, drop_last: bool,
-    indices: np.ndarray | None = None, num_workers: int | None = None,
+    ds: ImageSet, prep: Preprocess, batch_size: int, shuffle: bool, seed: int, policy: str | None, drop_last: bool,
+    indices: np.ndarray | None = None, num_workers: int | None = None, batch_seeds: Sequence[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     if indices is not None:
         order = indices
     else:
         order = np.random.default_rng(seed).permutation(len(ds)) if shuffle else np.arange(len(ds))
     n = len(order)
-    gen = torch.Generator().manual_seed(seed) if augment else None
+    gen = torch.Generator().manual_seed(seed) if policy == PAD_CROP else None
     fill = torch.tensor([-m / s for m, s in zip(prep.mean, prep.std)], dtype=torch.float32)
     stop = n - n % batch_size if drop_last else n
     chunks = [order[start:start + batch_size] for start in range(0, stop, batch_size)]
-    if ds.lazy:
+    if policy == IMAGENET:
+        seeds = list(batch_seeds) if batch_seeds is not None else \
+            [int(np.random.SeedSequence([seed, k]).generate_state(1)[0]) for k in range(len(chunks))]
+        if len(seeds) < len(chunks):
+            raise HeteroError(f"{len(chunks)} batches but {len(seeds)} augmentation seeds; pass one seed per batch")
+        if ds.lazy:
+            pixels = ds.images.augmented_batches(chunks, seeds[:len(chunks)], num_workers)
+        else:
+            pixels = (augment_arrays(ds.images[idx], s) for idx, s in zip(chunks, seeds))
+    elif ds.lazy:
         pixels = ds.images.batches(chunks, num_workers)
     else:
         pixels = (ds.images[idx] for idx in chunks)

@@ -155,44 +155,44 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors, or from a torch file loaded with ``weights_only=True``."""
+def load_weights_file(path: str | Path, flag: str = "--weights") -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a torch file loaded with ``weights_only=True``; errors name ``flag``."""
     p = Path(path)
     if not p.is_file():
-        raise HeteroError(f"--weights {path}: no such file")
+        raise HeteroError(f"{flag} {path}: no such file")
     if p.suffix == ".safetensors":
         try:
             return load_file(str(p))
         except (SafetensorError, OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
-            raise HeteroError(f"--weights {path} is not a readable safetensors file ({first})") from None
+            raise HeteroError(f"{flag} {path} is not a readable safetensors file ({first})") from None
     if _torch_version() < (2, 6):  # CVE-2025-32434: weights_only=True does not stop code in a crafted file
-        raise HeteroError(f"--weights {path}: torch {torch.__version__} cannot read a .pt file safely (torch < 2.6 "
+        raise HeteroError(f"{flag} {path}: torch {torch.__version__} cannot read a .pt file safely (torch < 2.6 "
                           "runs code hidden in one despite weights_only=True); upgrade torch, or pass .safetensors")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols it then refuses anyway
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise HeteroError(f"--weights {path} holds pickled Python objects, not just tensors; refusing to unpickle it. "
+        raise HeteroError(f"{flag} {path} holds pickled Python objects, not just tensors; refusing to unpickle it. "
                           "Save the state_dict with safetensors (safetensors.torch.save_file) instead") from None
     except Exception as e:  # zip/format errors from torch.load
-        raise HeteroError(f"--weights {path} cannot be read as a torch state dict ({e.__class__.__name__}); "
+        raise HeteroError(f"{flag} {path} cannot be read as a torch state dict ({e.__class__.__name__}); "
                           "pass a .safetensors file or a torch.save(state_dict) file") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise HeteroError(f"--weights {path} is not a state dict of tensors; save model.state_dict()")
+        raise HeteroError(f"{flag} {path} is not a state dict of tensors; save model.state_dict()")
     return obj
 
 
-def check_finite_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
+def check_finite_weights(state: dict[str, torch.Tensor], path: str | Path, flag: str = "--weights") -> None:
     for k, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             what = "NaN" if bool(torch.isnan(v).any()) else "Inf"
-            raise HeteroError(f"--weights {path}: tensor {k!r} holds {what} values; pass weights from a run that "
+            raise HeteroError(f"{flag} {path}: tensor {k!r} holds {what} values; pass weights from a run that "
                               "did not diverge")
 
 

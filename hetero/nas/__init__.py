@@ -7,8 +7,8 @@ them to data, checkpoints and devices is ``hetero.app.search``.
 """
 from __future__ import annotations
 
-from hetero.nas.space import Arch, SearchSpace, crossover, largest, mutate, sample, smallest
+from hetero.nas.space import SPACES, Arch, SearchSpace, crossover, largest, mutate, preset, sample, smallest
 from hetero.nas.supernet import Supernet, arch_flops, arch_params, recalibrate_bn
 
-__all__ = ["Arch", "SearchSpace", "Supernet", "arch_flops", "arch_params", "crossover", "largest", "mutate",
-           "recalibrate_bn", "sample", "smallest"]
+__all__ = ["SPACES", "Arch", "SearchSpace", "Supernet", "arch_flops", "arch_params", "crossover", "largest", "mutate",
+           "preset", "recalibrate_bn", "sample", "smallest"]

@@ -39,8 +39,8 @@ from hetero.errors import HeteroError
 from hetero.models.embedding import ModelSpec, create_embedding_model
 from hetero.models.mobilenet import DepthwiseSeparable
 from hetero.models.resnet import BasicBlock
-from hetero.nas.space import STEM_KERNEL, Arch, Block, SearchSpace, conv_out
-from hetero.nas.subnet import InvertedResidual
+from hetero.nas.space import STEM_KERNEL, Arch, Block, SearchSpace, conv_out, mid_channels, se_hidden
+from hetero.nas.subnet import InvertedResidual, activation
 
 SCHEMA = LATENCY_TABLE_SCHEMA
 DEFAULT_PROFILE = "host-cpu-1thread"
@@ -108,9 +108,15 @@ def _conv_cfg(c: nn.Conv2d) -> dict[str, Any]:
 
 def _inverted_residual(b: Block) -> dict[str, Any]:
     """An inverted residual's config: the space's resolved block (1x1 expand, depthwise kxk, optional
-    squeeze-excite, 1x1 project)."""
-    return {"cin": b.cin, "mid": b.mid, "cout": b.cout, "kernel": [b.kernel, b.kernel], "stride": [b.stride, b.stride],
-            "se": b.se, "hidden": b.hidden, "residual": b.residual}
+    squeeze-excite, 1x1 project). A MobileNetV3 activation or gate is named only where it is not the
+    default ReLU / sigmoid, so the keys of the ReLU spaces' blocks stay as they were."""
+    cfg = {"cin": b.cin, "mid": b.mid, "cout": b.cout, "kernel": [b.kernel, b.kernel], "stride": [b.stride, b.stride],
+           "se": b.se, "hidden": b.hidden, "residual": b.residual}
+    if b.act != "relu":
+        cfg["act"] = b.act
+    if b.se and b.gate != "sigmoid":
+        cfg["gate"] = b.gate
+    return cfg
 
 
 def _head(pool: str, dim: int | None, bias: bool = True, normalize: bool = True) -> dict[str, Any]:
@@ -119,11 +125,12 @@ def _head(pool: str, dim: int | None, bias: bool = True, normalize: bool = True)
     return {"pool": pool, "dim": dim, "bias": bias, "normalize": normalize}
 
 
-_STEM_PARTS = {nn.BatchNorm2d: "bn", nn.ReLU: "relu"}
+_STEM_PARTS = {nn.BatchNorm2d: "bn", nn.ReLU: "relu", nn.Hardswish: "hswish"}
 
 
 def _describe_stem(m: nn.Module) -> tuple[str, dict[str, Any]] | None:
-    """A Sequential of a Conv2d then BatchNorm2d / ReLU layers (the stems): ``conv_bn_relu``."""
+    """A Sequential of a Conv2d then BatchNorm2d / ReLU / Hardswish layers (the stems): ``conv_bn_relu``
+    (``conv_bn_hswish``)."""
     layers = list(m.children()) if isinstance(m, nn.Sequential) else []
     if not layers or not isinstance(layers[0], nn.Conv2d) or any(type(x) not in _STEM_PARTS for x in layers[1:]):
         return None
@@ -241,21 +248,74 @@ def decompose(model: nn.Module | ModelSpec, input_shape: Sequence[int] = DEFAULT
 
 def arch_blocks(arch: Arch, space: SearchSpace, dim: int) -> list[BlockSpec]:
     """The blocks of ``arch``'s subnet with an embedding head of ``dim``, from its genes alone (no
-    network built, no module attached): equal to ``decompose`` of the extracted subnet on the space's
-    input."""
-    size = conv_out(space.input_size, STEM_KERNEL, space.stem_stride)
+    network built, no module attached): equal to ``decompose`` of the extracted subnet on its input
+    (``arch_input_shape``: the arch's resolution gene, or the space's fixed input size). Blocks at
+    different resolutions have different input shapes, so their own keys."""
+    res = arch.input_size(space)
+    size = conv_out(res, STEM_KERNEL, space.stem_stride)
     stem = space.stem_channels(arch.width)
-    out = [BlockSpec("conv_bn_relu", _conv(space.in_channels, stem, STEM_KERNEL, space.stem_stride, STEM_KERNEL // 2),
-                     (space.in_channels, space.input_size, space.input_size))]
+    out = [BlockSpec(f"conv_bn_{space.stem_act}",
+                     _conv(space.in_channels, stem, STEM_KERNEL, space.stem_stride, STEM_KERNEL // 2),
+                     (space.in_channels, res, res))]
     channels = stem
     for b in arch.blocks(space):
         out.append(BlockSpec("inverted_residual", _inverted_residual(b), (b.cin, b.size_in, b.size_in)))
         channels, size = b.cout, b.size_out
     if space.head:
-        out.append(BlockSpec("conv_bn_relu", _conv(channels, space.head, 1, 1, 0), (channels, size, size)))
+        out.append(BlockSpec(f"conv_bn_{space.head_act}", _conv(channels, space.head, 1, 1, 0), (channels, size, size)))
         channels = space.head
     out.append(BlockSpec("head", _head("AdaptiveAvgPool2d", dim), (channels, size, size)))
     return out
+
+
+def space_blocks(space: SearchSpace, dim: int) -> list[BlockSpec]:
+    """Every distinct block any subnet of ``space`` (with an embedding head of ``dim``) can have, at
+    every resolution it can take, each with a module to time (fresh weights: timing does not read
+    them). A block's input depends on the width, the resolution and its slot, not on the depths, so
+    this is (widths x resolutions x slots x kernel/expand/SE choices) blocks, not every arch: a full
+    table for a small space, in one pass."""
+    out: dict[str, BlockSpec] = {}
+
+    def add(type_: str, cfg: dict[str, Any], shape: tuple[int, ...], module: nn.Module) -> None:
+        spec = BlockSpec(type_, cfg, shape, module)
+        out.setdefault(spec.key(), spec)
+
+    for width in space.widths:
+        stem, chans = space.stem_channels(width), space.stage_channels(width)
+        for res in space.resolution_choices:
+            size = conv_out(res, STEM_KERNEL, space.stem_stride)
+            pad = STEM_KERNEL // 2
+            add(f"conv_bn_{space.stem_act}", _conv(space.in_channels, stem, STEM_KERNEL, space.stem_stride, pad),
+                (space.in_channels, res, res),
+                nn.Sequential(nn.Conv2d(space.in_channels, stem, STEM_KERNEL, space.stem_stride, pad, bias=False),
+                              nn.BatchNorm2d(stem), activation(space.stem_act)))
+            cin = stem
+            for i, (_, depth, stride) in enumerate(space.stages):
+                for j in range(depth):
+                    st = stride if j == 0 else 1
+                    size_out = conv_out(size, 3, st)  # odd kernels padded by k // 2: the same size for every k
+                    for k in space.kernels:
+                        for e in space.expands:
+                            for se in space.choices("se", i):
+                                mid = mid_channels(cin, e)
+                                b = Block(i, j, cin, mid, chans[i], k, st, bool(se), se_hidden(mid) if se else 0, size,
+                                          size_out, space.act(i), space.se_gate)
+                                add("inverted_residual", _inverted_residual(b), (cin, size, size), InvertedResidual(b))
+                    cin, size = chans[i], size_out
+            if space.head:
+                add(f"conv_bn_{space.head_act}", _conv(cin, space.head, 1, 1, 0), (cin, size, size),
+                    nn.Sequential(nn.Conv2d(cin, space.head, 1, bias=False), nn.BatchNorm2d(space.head),
+                                  activation(space.head_act)))
+                cin = space.head
+            add("head", _head("AdaptiveAvgPool2d", dim), (cin, size, size),
+                Head(nn.AdaptiveAvgPool2d(1), nn.Linear(cin, dim)))
+    return list(out.values())
+
+
+def arch_input_shape(arch: Arch, space: SearchSpace) -> tuple[int, int, int]:
+    """(C, H, W) of the subnet's input: the space's channels at the arch's resolution."""
+    res = arch.input_size(space)
+    return (space.in_channels, res, res)
 
 
 def blocks_of(model: nn.Module | ModelSpec | Sequence[BlockSpec],

@@ -2,7 +2,8 @@
 
 Registered as backbone ``nas_mbv3`` with JSON kwargs ``arch`` and ``space`` (their ``to_dict()``),
 so an extracted subnet saves, loads, trains and exports like any other edge backbone. Plain layers
-only (conv, batch norm, ReLU, sigmoid, global average pooling), so every exporter handles it.
+only (conv, batch norm, ReLU, sigmoid, global average pooling; in a MobileNetV3-style space also
+hard-swish and hard-sigmoid), so every exporter handles it.
 """
 from __future__ import annotations
 
@@ -16,17 +17,24 @@ from hetero.models.registry import register_backbone
 from hetero.nas.space import STEM_KERNEL, Arch, Block, SearchSpace, largest, smallest
 
 
-class SqueezeExcite(nn.Module):
-    """x * sigmoid(W2 relu(W1 avgpool(x))) (Hu et al. 2018), reduction 4, plain sigmoid."""
+def activation(name: str) -> nn.Module:
+    """``relu`` or ``hswish`` (MobileNetV3's hard-swish) as a module."""
+    return nn.Hardswish(inplace=True) if name == "hswish" else nn.ReLU(inplace=True)
 
-    def __init__(self, channels: int, hidden: int):
+
+class SqueezeExcite(nn.Module):
+    """x * gate(W2 relu(W1 avgpool(x))) (Hu et al. 2018), reduction 4; the gate a sigmoid, or
+    MobileNetV3's hard-sigmoid."""
+
+    def __init__(self, channels: int, hidden: int, gate: str = "sigmoid"):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Conv2d(channels, hidden, 1)
         self.fc2 = nn.Conv2d(hidden, channels, 1)
+        self.gate = nn.Hardsigmoid() if gate == "hsigmoid" else nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
+        return x * self.gate(self.fc2(torch.relu(self.fc1(self.pool(x)))))
 
 
 class InvertedResidual(nn.Module):
@@ -34,10 +42,10 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, b: Block):
         super().__init__()
-        self.expand = nn.Sequential(nn.Conv2d(b.cin, b.mid, 1, bias=False), nn.BatchNorm2d(b.mid), nn.ReLU(inplace=True))
+        self.expand = nn.Sequential(nn.Conv2d(b.cin, b.mid, 1, bias=False), nn.BatchNorm2d(b.mid), activation(b.act))
         self.dw = nn.Sequential(nn.Conv2d(b.mid, b.mid, b.kernel, b.stride, b.kernel // 2, groups=b.mid, bias=False),
-                                nn.BatchNorm2d(b.mid), nn.ReLU(inplace=True))
-        self.se = SqueezeExcite(b.mid, b.hidden) if b.se else nn.Identity()
+                                nn.BatchNorm2d(b.mid), activation(b.act))
+        self.se = SqueezeExcite(b.mid, b.hidden, b.gate) if b.se else nn.Identity()
         self.project = nn.Sequential(nn.Conv2d(b.mid, b.cout, 1, bias=False), nn.BatchNorm2d(b.cout))
         self.residual = b.residual
         self.block = b  # the shapes it was built from: what the latency predictor keys it by
@@ -56,12 +64,12 @@ class NasMobileNetV3(nn.Module):
         stem = space.stem_channels(arch.width)
         self.stem = nn.Sequential(
             nn.Conv2d(space.in_channels, stem, STEM_KERNEL, space.stem_stride, STEM_KERNEL // 2, bias=False),
-            nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
+            nn.BatchNorm2d(stem), activation(space.stem_act))
         blocks: list[nn.Module] = [InvertedResidual(b) for b in arch.blocks(space)]
         if space.head:  # MobileNetV3's last 1x1 conv; a plain conv-BN-ReLU block, so the latency table knows it
             cin = space.stage_channels(arch.width)[-1]
             blocks.append(nn.Sequential(nn.Conv2d(cin, space.head, 1, bias=False), nn.BatchNorm2d(space.head),
-                                        nn.ReLU(inplace=True)))
+                                        activation(space.head_act)))
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_features = arch.out_features(space)

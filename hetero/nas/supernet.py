@@ -4,7 +4,8 @@ Every subnet computes with slices of the same parameters: leading channel slices
 expand ratio (batch-norm affine parameters and running statistics sliced alike), the centre of the
 largest depthwise kernel for smaller kernels (optionally through OFA's learned kernel
 transformation matrices), the first ``depth`` blocks of each stage, and the leading input
-features of the projection. ``extract`` copies the active slices into a static ``nas_mbv3``
+features of the projection. In a space with elastic resolution the input is resized (bilinear,
+antialiased) to the active subnet's resolution, as OFA trains. ``extract`` copies the active slices into a static ``nas_mbv3``
 network; ``arch_flops``/``arch_params`` count that network analytically.
 """
 from __future__ import annotations
@@ -22,6 +23,17 @@ from hetero.models.embedding import EmbeddingModel
 from hetero.nas.space import STEM_KERNEL, Arch, Block, SearchSpace, largest, mid_channels, se_hidden
 from hetero.nas.space import sample as sample_arch
 from hetero.nas.subnet import NasMobileNetV3
+
+_ACT = {"relu": F.relu, "hswish": F.hardswish}
+_GATE = {"sigmoid": torch.sigmoid, "hsigmoid": F.hardsigmoid}
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch at ``size`` x ``size`` (bilinear, antialiased when shrinking: OFA's elastic resolution);
+    itself when it is that size already."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 class ElasticBatchNorm2d(nn.BatchNorm2d):
@@ -55,7 +67,7 @@ class ElasticBlock(nn.Module):
         self.bn1 = ElasticBatchNorm2d(mid)
         self.dw = nn.Conv2d(mid, mid, kmax, stride, kmax // 2, groups=mid, bias=False)
         self.bn2 = ElasticBatchNorm2d(mid)
-        if True in space.se:
+        if True in space.se or True in space.stage_se:
             hidden = se_hidden(mid)
             self.se_fc1 = nn.Conv2d(mid, hidden, 1)
             self.se_fc2 = nn.Conv2d(hidden, mid, 1)
@@ -81,12 +93,13 @@ class ElasticBlock(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor, b: Block) -> torch.Tensor:
-        y = F.relu(self.bn1(F.conv2d(x, self.expand.weight[:b.mid, :b.cin])))
-        y = F.relu(self.bn2(F.conv2d(y, self.dw_weight(b.mid, b.kernel), None, b.stride, b.kernel // 2, 1, b.mid)))
+        act = _ACT[b.act]
+        y = act(self.bn1(F.conv2d(x, self.expand.weight[:b.mid, :b.cin])))
+        y = act(self.bn2(F.conv2d(y, self.dw_weight(b.mid, b.kernel), None, b.stride, b.kernel // 2, 1, b.mid)))
         if b.se:
             s = y.mean((2, 3), keepdim=True)
             s = F.relu(F.conv2d(s, self.se_fc1.weight[:b.hidden, :b.mid], self.se_fc1.bias[:b.hidden]))
-            y = y * torch.sigmoid(F.conv2d(s, self.se_fc2.weight[:b.mid, :b.hidden], self.se_fc2.bias[:b.mid]))
+            y = y * _GATE[b.gate](F.conv2d(s, self.se_fc2.weight[:b.mid, :b.hidden], self.se_fc2.bias[:b.mid]))
         y = self.bn3(F.conv2d(y, self.project.weight[:b.cout, :b.mid]))
         return x + y if b.residual else y
 
@@ -161,12 +174,16 @@ class Supernet(nn.Module):
         return arch
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.space.stem_channels(self._arch.width)
-        x = F.relu(self.stem_bn(F.conv2d(x, self.stem.weight[:c], None, self.space.stem_stride, STEM_KERNEL // 2)))
+        """Pooled features of the active subnet; the input is first resized to its resolution (if the space has that gene)."""
+        sp = self.space
+        if sp.resolutions:
+            x = resize(x, self._arch.input_size(sp))
+        c = sp.stem_channels(self._arch.width)
+        x = _ACT[sp.stem_act](self.stem_bn(F.conv2d(x, self.stem.weight[:c], None, sp.stem_stride, STEM_KERNEL // 2)))
         for b in self._blocks:
             x = self.stages[b.stage][b.slot](x, b)
-        if self.space.head:
-            x = F.relu(self.head_bn(F.conv2d(x, self.head.weight[:, :x.shape[1]])))
+        if sp.head:
+            x = _ACT[sp.head_act](self.head_bn(F.conv2d(x, self.head.weight[:, :x.shape[1]])))
         return x.mean((2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,7 +248,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Modu
 
 def _flops_params(arch: Arch, space: SearchSpace, dim: int) -> tuple[int, int]:
     stem = space.stem_channels(arch.width)
-    size = (space.input_size + 2 * (STEM_KERNEL // 2) - STEM_KERNEL) // space.stem_stride + 1
+    size = (arch.input_size(space) + 2 * (STEM_KERNEL // 2) - STEM_KERNEL) // space.stem_stride + 1
     macs = space.in_channels * stem * STEM_KERNEL**2 * size * size
     params = space.in_channels * stem * STEM_KERNEL**2 + 2 * stem
     for b in arch.blocks(space):
@@ -252,8 +269,9 @@ def _flops_params(arch: Arch, space: SearchSpace, dim: int) -> tuple[int, int]:
 
 
 def arch_flops(arch: Arch, space: SearchSpace, dim: int) -> int:
-    """FLOPs of the extracted subnet on one input, as ``hetero.models.complexity.count_flops`` counts them
-    (convolutions and matmuls, 1 MAC = 2 FLOPs; BN, activations, pooling and biases are free)."""
+    """FLOPs of the extracted subnet on one input at its resolution (``arch.input_size(space)``), as
+    ``hetero.models.complexity.count_flops`` counts them (convolutions and matmuls, 1 MAC = 2 FLOPs;
+    BN, activations, pooling and biases are free)."""
     return _flops_params(arch, space, dim)[0]
 
 

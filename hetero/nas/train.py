@@ -3,7 +3,9 @@ supernet, trained the Once-for-All way).
 
 Each step follows the sandwich rule: the largest subnet, the smallest and ``n_random`` random ones
 each take the compatibility losses against the frozen cloud (cached targets, no augmentation), and
-their gradients add up before one optimiser step. With ``distill`` the smaller subnets also align
+their gradients add up before one optimiser step. In a space with elastic resolution every subnet
+also carries its resolution (the largest at the largest, the smallest at the smallest): the batch,
+loaded at the cloud's input size, is resized to it (bilinear, antialiased) as OFA trains. With ``distill`` the smaller subnets also align
 (cosine) with the largest subnet's embedding of the same batch (in-place distillation). With
 ``progressive`` the sampled space grows in phases (largest only, then elastic kernel, then depth,
 then expand ratio and width), and expanded channels are re-sorted by importance after each phase.
@@ -46,7 +48,7 @@ from hetero._resume import Snapshots, read_state, rng_state, set_rng_state
 from hetero.embed import cloud_targets
 from hetero.errors import HeteroError
 from hetero.losses import LossContext, WeightedLoss
-from hetero.nas.space import Arch, SearchSpace, largest, sample, smallest
+from hetero.nas.space import Arch, SearchSpace, largest, sample, smallest, space_fields
 from hetero.nas.supernet import Supernet
 
 FORMAT = SUPERNET_FORMAT
@@ -70,13 +72,21 @@ class SupernetConfig:
     val_size: int = 5000
     limit: int | None = None
     seed: int = 0
-    space: dict[str, Any] | None = None  # SearchSpace fields to change from the defaults (e.g. head, stem_stride, stages)
+    # SearchSpace fields to change from the defaults (e.g. head, stem_stride, stages), or a preset's name
+    # (``hetero.nas.space.SPACES``, e.g. "mbv3-224"; read into its fields here)
+    space: dict[str, Any] | str | None = None
 
     def __post_init__(self):
         if self.space is not None:
-            if not isinstance(self.space, dict):
-                raise HeteroError(f"--search-space must hold a JSON object of search-space fields, got {type(self.space).__name__}")
-            SearchSpace.from_dict(self.space)  # a one-line error naming the bad field, before any training
+            if not isinstance(self.space, (dict, str)):
+                raise HeteroError(f"--search-space must name a preset or hold a JSON object of search-space fields, got "
+                                  f"{type(self.space).__name__}")
+            object.__setattr__(self, "space", space_fields(self.space))
+            check = dict(self.space)
+            res = check.get("resolutions")
+            if isinstance(res, list) and res and all(isinstance(r, int) for r in res):
+                check["input_size"] = max(res)  # the input size follows the cloud (checked against it when training)
+            SearchSpace.from_dict(check)  # a one-line error naming the bad field, before any training
         for name in ("epochs", "batch_size", "val_size"):
             if getattr(self, name) < 1:
                 raise HeteroError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -107,7 +117,8 @@ def _sample_phase(space, rng: random.Random, phase: int):
                 depths=a.depths if phase >= 2 else big.depths,
                 kernels=a.kernels if phase >= 1 else big.kernels,
                 expands=a.expands if phase >= 3 else big.expands,
-                se=a.se if phase >= 3 else big.se)
+                se=a.se if phase >= 3 else big.se,
+                resolution=a.resolution if phase >= 1 else big.resolution)
 
 
 def legacy_supernet_kind(d: Path) -> str | None:
@@ -180,6 +191,18 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
                           f"use a multiple of {world}")
     per_rank = cfg.batch_size // world
     prep = cloud.preprocess
+    fields = dict(cfg.space or {})
+    res = fields.get("resolutions") or []
+    if res:  # elastic resolution: images load at the cloud's size and are resized down to each subnet's
+        if max(res) > prep.size:
+            raise HeteroError(f"the search space's resolutions go up to {max(res)} px, but the cloud's preprocessing "
+                              f"gives {prep.size} px images; use a cloud at {max(res)} px or resolutions up to {prep.size}")
+        fields.pop("input_size", None)
+    for key, want in (("in_channels", prep.channels), ("input_size", prep.size)):
+        if key in fields and fields[key] != want:
+            raise HeteroError(f"--search-space sets {key} = {fields[key]!r}, but the cloud's preprocessing gives {want}; "
+                              f"leave {key} out (it follows the cloud)")
+    space = SearchSpace.from_dict({**fields, "in_channels": prep.channels, "input_size": prep.size})
     ds = train_set.conform(prep)
     if cfg.limit and cfg.limit < len(ds):
         ds = ds.subset(cfg.limit)
@@ -192,11 +215,6 @@ def train_supernet(cfg: SupernetConfig, cloud, train_set, out: str | Path, *, re
     frozen = cloud.classifier
     if frozen is not None:
         frozen.eval().requires_grad_(False)
-    for key, want in (("in_channels", prep.channels), ("input_size", prep.size)):
-        if cfg.space and key in cfg.space and cfg.space[key] != want:
-            raise HeteroError(f"--search-space sets {key} = {cfg.space[key]!r}, but the cloud's preprocessing gives {want}; "
-                              f"leave {key} out (it follows the cloud)")
-    space = SearchSpace.from_dict({**(cfg.space or {}), "in_channels": prep.channels, "input_size": prep.size})
     torch.manual_seed(cfg.seed)
     net = Supernet(space, cloud.spec.dim, prep.channels)
     dev = distributed.device()  # the CPU, or this rank's GPU under torchrun

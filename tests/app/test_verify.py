@@ -333,7 +333,7 @@ def test_bad_input_relabelled_precision_and_other_preprocessing(bundle, saved, t
     shutil.rmtree(d)
     d = _copy(bundle, tmp_path)
     _manifest_edit(d, lambda m: m["preprocess"].update(mean=[0.5]))
-    _bad_verify(capsys, saved, tmp_path, d, words=("preprocessing differs from the cloud's", "mean [0.5]"))
+    _bad_verify(capsys, saved, tmp_path, d, words=("preprocessing differs from its edge model's", "mean [0.5]"))
 
 
 @pytest.mark.parametrize("flag", ["--query-limit", "--gallery-limit"])

@@ -186,7 +186,7 @@ def test_measurement_is_incremental(fake_measure, tmp_path):
     with pytest.raises(HeteroError, match="one table per profile and batch"):
         M.measure_lut(blocks, t, batch=8)
     with pytest.raises(HeteroError, match="ONNX FP32 profiles"):
-        M.measure_lut(blocks, None, profile="host-torch")
+        M.measure_lut(blocks, None, profile="host-cpu-int8")
 
 
 def test_missing_blocks_are_measured_into_the_table_and_overhead_is_the_calibrated_median(fake_measure):

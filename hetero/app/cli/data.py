@@ -9,8 +9,11 @@ import numpy as np
 from hetero.data import load_dataset
 from hetero.data._image_cache import clear_image_cache, images_dir
 from hetero.embed import cache_entries, clear_cache, targets_dir
+from hetero.errors import MissingDependencyError
 from hetero.models import ModelSpec, create_embedding_model, list_backbones
 from hetero.models.complexity import count_flops, count_params
+from hetero.models.library import TIMM, TORCHVISION, timm_names, torchvision_names
+from hetero.models.library_flops import count_native, curated, read_table
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -24,9 +27,24 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     for name in list_backbones():
         m = create_embedding_model(ModelSpec(name, 128), 1)
-        print(f"{name:<16} params {count_params(m):>9,}  MFLOPs@1x28x28 {count_flops(m, (1, 28, 28)) / 1e6:8.2f}")
-    print("tv:NAME          any torchvision classification model (torchvision.models.list_models()), e.g. "
-          "tv:mobilenet_v3_small, with hetero's embedding head (needs torchvision: pip install 'hetero[byo]')")
+        print(f"{name:<28} params {count_params(m):>11,}  MFLOPs@1x28x28 {count_flops(m, (1, 28, 28)) / 1e6:9.2f}")
+    if args.recount:
+        rows, where = {n: count_native(n) for n in curated()}, "counted now"
+    else:
+        table = read_table()
+        rows, where = table["models"], "counted with " + ", ".join(f"{k} {v}" for k, v in table["versions"].items())
+    for name, r in rows.items():
+        at = f"MFLOPs@{r['channels']}x{r['size']}x{r['size']}"
+        print(f"{name:<28} params {r['params']:>11,}  {at:<17}{r['mflops']:>9.2f}")
+    print(f"library rows at their native size with hetero's head (dim 128), {where}. Any other name works too: "
+          "tv:NAME for any torchvision classification model (pip install 'hetero[byo]'), timm:NAME for any timm model "
+          "(pip install 'hetero[timm]'); `hetero models --all` lists them")
+    if args.all:
+        for prefix, names in ((TORCHVISION, torchvision_names), (TIMM, timm_names)):
+            try:
+                print(" ".join(prefix + n for n in names()))
+            except MissingDependencyError as e:
+                print(f"{prefix}NAME: {e}")
     return 0
 
 
@@ -65,4 +83,7 @@ def add_cache(sub) -> None:
 
 def add_models(sub) -> None:
     p = sub.add_parser("models", help="list registered backbones with params and FLOPs")
+    p.add_argument("--all", action="store_true", help="also every tv:/timm: name the installed libraries have")
+    p.add_argument("--recount", action="store_true", help="count the library rows now (seconds each) instead of "
+                                                          "reading them from the table shipped with hetero")
     p.set_defaults(func=cmd_models)

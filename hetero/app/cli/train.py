@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from hetero import distributed
 from hetero.app import training
 from hetero.app.options import floats, load_config_file, nest, parse_kv
 from hetero.errors import HeteroError
+from hetero.nas.space import read_space_arg
 from hetero.nas.train import SupernetConfig
 from hetero.train import TrainConfig
 
@@ -24,7 +24,8 @@ def train_options(args: argparse.Namespace) -> dict[str, Any]:
         raise HeteroError(f"--config: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
     flags = {"model": args.model, "dim": args.dim, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
              "weight_decay": args.weight_decay, "seed": args.seed, "limit": args.limit, "margin": args.margin,
-             "model_kwargs": parse_kv(args.model_kwargs, "--model-kwargs"), "augment": args.augment or None}
+             "model_kwargs": parse_kv(args.model_kwargs, "--model-kwargs"), "augment": args.augment or None,
+             "size": args.size, "pretrained": args.pretrained}
     if hasattr(args, "loss"):
         flags["losses"] = parse_kv(args.loss, "--loss")
         flags["loss_options"] = nest(parse_kv(args.loss_options, "--loss-options"))
@@ -60,12 +61,7 @@ def cmd_train_supernet(args: argparse.Namespace) -> int:
     if args.loss:
         kw["losses"] = parse_kv(args.loss, "--loss")
     if args.space:
-        try:
-            kw["space"] = json.loads(Path(args.space).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise HeteroError(f"--search-space {args.space} does not exist; pass a JSON file of search-space fields") from None
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise HeteroError(f"--search-space {args.space} is not valid JSON ({e.__class__.__name__}); fix the file") from None
+        kw["space"] = read_space_arg(args.space)  # a preset's name (mbv3-224) or a JSON file of fields
     cfg = SupernetConfig(progressive=args.progressive, sort_channels=args.sort_channels, **kw)
     r = training.train_supernet(args.cloud, args.out, data=args.data, config=cfg, resume=args.resume,
                                 save_every=args.save_every, progress=not args.quiet)
@@ -109,7 +105,16 @@ def add_train_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--limit", type=int, help="train on the first N images only")
     p.add_argument("--margin", type=float, help="CosFace margin of the model's own cosine classifier (default 0; "
                                                 "0.2 gives tighter clusters and a higher mAP@R; train-edge: the ce loss's classifier)")
-    p.add_argument("--augment", action="store_true", help="random flips and 2-px shifts")
+    p.add_argument("--augment", nargs="?", const=True, choices=(True, "auto", "pad-crop", "imagenet"), metavar="POLICY",
+                   help="augment the training images: pad-crop (random flips and 2-px shifts), imagenet "
+                        "(RandomResizedCrop, flip, colour jitter, drawn from each original file in the loader's workers); "
+                        "alone: imagenet for real-resolution (tv:/timm:) preprocessing, else pad-crop")
+    p.add_argument("--size", type=int, help="square input size in px (default: a tv:/timm: model's native size, "
+                                            "an edge its cloud's, else the data's: 28 for Fashion-MNIST, 32 for a folder)")
+    p.add_argument("--pretrained", metavar="FILE|NAME",
+                   help="start a tv:/timm: backbone from ImageNet weights: a state dict file (.safetensors, or .pt read "
+                        "with weights_only), or the library's weights by name (tv: DEFAULT, IMAGENET1K_V1; timm: true or a "
+                        "tag) from its own cache, never downloaded")
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="TOML/JSON file of training options; flags override it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and a left-over --state-dir)")
@@ -160,7 +165,8 @@ def add_train_supernet(sub) -> None:
     p.add_argument("--loss", help="compatibility losses (default influence=1,alignment=1)")
     p.add_argument("--val-size", type=int, help="validation images carved from the train split for the search (default 5000)")
     p.add_argument("--limit", type=int, help="use the first N training images")
-    p.add_argument("--search-space", "--space", dest="space", help="JSON file of search-space fields to change from the defaults, e.g. "
+    p.add_argument("--search-space", "--space", dest="space", help="a preset (mbv3-224: OFA's MobileNetV3 space, 128-224 px "
+                                   "RGB) or a JSON file of search-space fields to change from the defaults, e.g. "
                                    '{"stem_stride": 1, "head": 128} (see docs/search.md)')
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (from its last saved step)")

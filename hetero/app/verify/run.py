@@ -117,22 +117,24 @@ def check_artifacts(manifest: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def check_preprocess(manifest: dict[str, Any], cloud, where: str) -> None:
-    """The manifest's preprocessing must be the cloud's: a device preprocesses images as the manifest
-    says, and the gallery was embedded with the cloud's."""
+def check_preprocess(manifest: dict[str, Any], model, where: str) -> None:
+    """The manifest's preprocessing must be the torch edge model's (``model``, the checkpoint it was
+    exported from): a device preprocesses images as the manifest says, and the edge was trained on
+    images so preprocessed. (An edge may read them at another size than its cloud: each model embeds
+    the same pictures, prepared its own way.)"""
 
     got = manifest.get("preprocess")
-    want = cloud.preprocess.to_dict()
+    want = model.preprocess.to_dict()
     try:
-        same = Preprocess.from_dict(got) == cloud.preprocess
+        same = Preprocess.from_dict(got) == model.preprocess
     except HeteroError:
         same = False
     if not same:
         diff = [k for k in want if not isinstance(got, dict) or got.get(k) != want[k]] or ["preprocess"]
-        shown = ", ".join(f"{k} {got.get(k) if isinstance(got, dict) else None!r} (cloud: {want[k]!r})"
+        shown = ", ".join(f"{k} {got.get(k) if isinstance(got, dict) else None!r} (model: {want[k]!r})"
                           if k in want else k for k in diff)
-        raise HeteroError(f"{where}: the manifest's preprocessing differs from the cloud's: {shown}; devices would "
-                          "feed the model other inputs than the gallery was embedded with, re-run `hetero export`")
+        raise HeteroError(f"{where}: the manifest's preprocessing differs from its edge model's: {shown}; devices would "
+                          "feed the model other inputs than it was trained on, re-run `hetero export`")
 
 
 def parse_required(specs: list[str] | None, manifest: dict[str, Any], runners: list[str] | None) -> list[str]:
@@ -252,9 +254,9 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
     if not control and man.get("space") != cloud_ckpt.space:
         raise HeteroError(f"{manifest} was exported in cloud space {str(man.get('space'))[:12]}, but --cloud {cloud} is "
                           f"space {cloud_ckpt.space[:12]}; pass the cloud the edge model was trained against")
-    check_preprocess(man, cloud_ckpt, str(manifest))
-    precision_from = check_artifacts(man)
     edge_ckpt = _edge_checkpoint(man, edge)
+    check_preprocess(man, edge_ckpt, str(manifest))
+    precision_from = check_artifacts(man)
     if control and edge_ckpt.info.get("cloud_fingerprint") != cloud_ckpt.space:
         raise HeteroError(f"{manifest} is the export of a control model made for cloud space "
                           f"{str(edge_ckpt.info.get('cloud_fingerprint'))[:12]}, not --cloud {cloud} "
@@ -310,7 +312,7 @@ def verify(manifest: str, cloud: str, *, edge: str | None = None, data: str | No
         lat = _torch_latency(edge_ckpt, latency_budget_s)
     finish(ref_pair, f"torch {_torch_version()}", "reference", scorer.score(q_torch, keep=True), lat)
 
-    q_inputs = prep.apply(queries.images)
+    q_inputs = edge_ckpt.preprocess.apply(queries.conform(edge_ckpt.preprocess).images)
     bar = _bar(len(pairs), progress)
     for pair in pairs:
         t0 = time.perf_counter()

@@ -92,12 +92,12 @@ def test_manifest_preprocessing_refused_where_the_manifest_is_loaded(art, tmp_pa
 
 
 @pytest.mark.parametrize("edit, words", [
-    (_set_prep(mean=[0.5]), ("preprocessing differs from the cloud's", "mean [0.5] (cloud: [0.286])")),
-    (_set_prep(std=[0.5]), ("preprocessing differs from the cloud's", "std [0.5]")),
+    (_set_prep(mean=[0.5]), ("preprocessing differs from its edge model's", "mean [0.5] (model: [0.286])")),
+    (_set_prep(std=[0.5]), ("preprocessing differs from its edge model's", "std [0.5]")),
     (lambda m: [m["preprocess"].update(size=32)] + [a["input"].update(shape=["batch", 1, 32, 32]) for a in m["artifacts"]],
-     ("preprocessing differs from the cloud's", "size 32 (cloud: 28)")),
+     ("preprocessing differs from its edge model's", "size 32 (model: 28)")),
 ], ids=["mean", "std", "size-and-every-input"])
-def test_verify_refuses_preprocessing_other_than_the_clouds(art, tmp_path, place, edit, words):
+def test_verify_refuses_preprocessing_other_than_the_edge_models(art, tmp_path, place, edit, words):
     x = copy_tree(art / "export", tmp_path / "x")
     edit_json(x / "manifest.json", edit)
     fails_cleanly(_verify(art, place, x), *words)
@@ -107,7 +107,7 @@ def test_evaluate_refuses_an_artifact_with_other_preprocessing(art, tmp_path, pl
     x = copy_tree(art / "export", tmp_path / "x")
     edit_json(x / "manifest.json", _set_prep(mean=[0.1]))
     fails_cleanly(cli("evaluate", "--cloud", art / "cloud", "--edge", art / "edge", "--artifact", x, "--data", "synthetic",
-                      "--out", place.path / "ev", "--quiet"), "preprocessing differs from the cloud's")
+                      "--out", place.path / "ev", "--quiet"), "preprocessing differs from its edge model's")
 
 
 # ----------------------------------------------------------------------------------------- precision
