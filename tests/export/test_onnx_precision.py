@@ -3,10 +3,14 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+import torch
 
 from devices import create_runner, open_artifact
 from export import default_formats, export_checkpoint
+from export.onnx import onnx_from_torch
+from export.onnx_precision import onnx_int8_from_onnx
 from hetero._atomic import sha256_file
 from hetero.checkpoint import load_checkpoint
 from hetero.errors import HeteroError
@@ -28,7 +32,7 @@ def test_fp16_and_int8_are_made_from_the_fp32_onnx(exported):
     assert list(arts) == ["onnx", "onnx-fp16", "onnx-int8"]  # the source is built first, even if not asked for
     assert [arts[f]["precision"] for f in arts] == ["fp32", "fp16", "int8"]
     assert arts["onnx-fp16"]["made_from"] == arts["onnx-int8"]["made_from"] == "edge.onnx"
-    assert arts["onnx-int8"]["calibration"] == {"images": 250, "source": "training split"}
+    assert arts["onnx-int8"]["calibration"] == {"images": 250, "source": "training split", "method": "percentile"}
     assert json.loads((out / "manifest.json").read_text())["artifacts"] == m["artifacts"]
     for f, a in arts.items():  # every file verifies against its manifest hash and runs in onnxruntime
         art = open_artifact(out, "onnx", a["precision"])
@@ -158,3 +162,29 @@ def test_every_onnx_file_says_what_it_embeds_and_which_space_it_lives_in(exporte
         assert props["hetero.space_fingerprint"] == m["space"] == edge.space
         assert props["hetero.checkpoint_fingerprint"] == m["model"]["checkpoint_fingerprint"] == edge.fingerprint
         assert a["sha256"] == sha256_file(d / a["file"])  # the manifest hashes the file as written, metadata included
+
+
+def test_int8_of_a_nearly_constant_tensor_falls_back_to_minmax_calibration(tmp_path):
+    """Percentile calibration's 2048-bin histogram cannot split a tensor whose values all lie within a
+    few float32 steps (a saturated hard-sigmoid gate, as in a trained MobileNetV3): MinMax calibrates
+    it instead, the entry says so, and the INT8 model still runs and follows the FP32 one."""
+    class Gate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.flatten(y * (1.0 + 1e-6 * torch.tanh(y)), 1)  # a gate of 1 +- a few float32 steps
+
+    torch.manual_seed(0)
+    src = tmp_path / "gate.onnx"
+    onnx_from_torch(Gate().eval(), (3, 8, 8), src)
+    x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    report = {}
+    onnx_int8_from_onnx(src, tmp_path / "gate.int8.onnx", x, input_name="input", report=report)
+    assert report == {"calibration": "minmax"}
+    ref = ort.InferenceSession(str(src)).run(None, {"input": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "gate.int8.onnx")).run(None, {"input": x})[0]
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.99
