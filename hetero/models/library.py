@@ -21,6 +21,9 @@ TIMM = "timm:"
 PREFIXES = (TORCHVISION, TIMM)
 
 
+BN_MOMENTUM = 0.1  # torch's default; see LibraryBackbone
+
+
 class LibraryBackbone(nn.Module):
     """A library model without its classifier: [N, C, H, W] -> [N, out_features].
 
@@ -33,6 +36,12 @@ class LibraryBackbone(nn.Module):
         super().__init__()
         self.net, self.out_features = net, out_features
         self.library_name, self.classifier, self.first_conv = name, tuple(classifier), tuple(first_conv)
+        # torchvision's MobileNetV3 (and others) set batch-norm momentum 0.01 for 600-epoch ImageNet runs: after
+        # the few hundred steps of an edge's training the running statistics have barely left (0, 1), and
+        # the model in eval mode embeds every image alike. torch's default 0.1 tracks them within ~50 steps.
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None and m.momentum < BN_MOMENTUM:
+                m.momentum = BN_MOMENTUM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.net(x), 1)

@@ -227,3 +227,19 @@ def test_hetero_models_prints_each_registry(capsys):
         assert name in out
     assert "tv:mobilenet_v3_small" in out and "MFLOPs@3x224x224    111" in out and "MFLOPs@3x256x256" in out
     assert "any timm model" in out and "hetero[timm]" in out
+
+
+def test_batch_norm_running_statistics_follow_a_short_training():
+    """torchvision's MobileNetV3 keeps batch-norm momentum 0.01: after 30 training steps its running
+    mean would be a quarter of the way to the data's, and the eval-mode model would embed every image
+    alike. hetero's library backbones track it at torch's 0.1 (within 5% after 30 steps)."""
+    torch.manual_seed(0)
+    net = create_backbone("tv:mobilenet_v3_small", in_channels=3)
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    net.train()
+    with torch.no_grad():
+        for _ in range(30):
+            net(torch.rand(4, 3, 32, 32) + 2.0)
+        target = conv(torch.rand(64, 3, 32, 32) + 2.0).mean((0, 2, 3))
+    assert torch.allclose(bn.running_mean, target, rtol=0.05, atol=0.02)
