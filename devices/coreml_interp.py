@@ -59,8 +59,21 @@ import numpy as np
 
 from devices.coreml_conv import CACHE_BYTES
 from devices.coreml_ops import F16_INPUTS, OPS, register_op, supported_ops, unsupported_reason
-from devices.coreml_program import (FIX, WEIGHTS_DIR, InputSpec, Node, all_ops, coremltools_module, coremltools_version,
-                                    first_line, input_specs, load_program, load_spec, np_dtype, pixels_from_preprocessed)
+from devices.coreml_program import (
+    FIX,
+    WEIGHTS_DIR,
+    InputSpec,
+    Node,
+    all_ops,
+    coremltools_module,
+    coremltools_version,
+    first_line,
+    input_specs,
+    load_program,
+    load_spec,
+    np_dtype,
+    pixels_from_preprocessed,
+)
 from devices.errors import DeviceError
 
 # what `from devices.coreml_interp import ...` has always offered, wherever it lives now

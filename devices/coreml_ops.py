@@ -46,6 +46,76 @@ def _sigmoid(x):
         return 1.0 / (1.0 + np.exp(-x))
 
 
+def _sigmoid_hard(a, n):
+    """min(max(alpha x + beta, 0), 1): torch's hardsigmoid (alpha 1/6, beta 0.5) and, after
+    ``thresholded_relu(x, -3)``, half of its hardswish."""
+    x = a["x"]
+    return np.clip(x * np.float32(a["alpha"]) + np.float32(a["beta"]), 0, 1).astype(x.dtype, copy=False)
+
+
+def _thresholded_relu(a, n):
+    """x where x >= alpha, else 0 (coremltools writes hardswish as ``w = thresholded_relu(x, -3)``,
+    ``w * sigmoid_hard(w, 1/6, 0.5)``)."""
+    x = a["x"]
+    return np.where(x >= np.float32(arg(a, "alpha", 1.0)), x, np.zeros((), x.dtype))
+
+
+# Abramowitz & Stegun 7.1.26 is too coarse (1.5e-7 absolute) near 0 for float32; this is erf by
+# its Taylor series for |x| < 2 and by erfc's continued fraction above, in float64: within 1e-15
+def _erf(x: np.ndarray) -> np.ndarray:
+    x64 = np.asarray(x, np.float64)
+    ax = np.abs(x64)
+    out = np.empty_like(x64)
+    small = ax < 2.0
+    if small.any():
+        z = x64[small]
+        z2 = z * z
+        term = z.copy()
+        total = z.copy()
+        for k in range(1, 40):  # sum_k (-1)^k z^(2k+1) / (k! (2k+1)); 40 terms reach 1e-16 at |z| = 2
+            term = term * (-z2) / k
+            total += term / (2 * k + 1)
+        out[small] = total * (2.0 / math.sqrt(math.pi))
+    big = ~small
+    if big.any():
+        z = ax[big]
+        # erfc(z) = exp(-z^2)/sqrt(pi) * 1/(z + 1/2/(z + 1/(z + 3/2/(z + ...)))), evaluated bottom up
+        frac = np.zeros_like(z)
+        for k in range(60, 0, -1):
+            frac = (k / 2.0) / (z + frac)
+        erfc = np.exp(-z * z) / math.sqrt(math.pi) / (z + frac)
+        out[big] = np.sign(x64[big]) * (1.0 - erfc)
+    return out.astype(np.float32)
+
+
+def _gelu(a, n):
+    x = a["x"]
+    mode = str(arg(a, "mode", "EXACT"))
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
+    if mode == "SIGMOID_APPROXIMATION":
+        return x * _sigmoid(np.float32(1.702) * x)
+    return (0.5 * x * (1 + _erf(x * np.float32(1 / math.sqrt(2))))).astype(np.float32)
+
+
+def _layer_norm(a, n):
+    """gamma (x - E[x]) / sqrt(Var[x] + eps) + beta over ``axes`` (None: all), gamma and beta shaped
+    as ``x.shape[axes]``."""
+    x = a["x"]
+    axes = a.get("axes")
+    ax = tuple(range(x.ndim)) if axes is None else tuple(i % x.ndim for i in ints(axes))
+    mean = x.mean(axis=ax, keepdims=True)
+    d = x - mean
+    var = np.square(d).mean(axis=ax, keepdims=True)
+    out = d / np.sqrt(var + np.float32(arg(a, "epsilon", 1e-5)))
+    shape = [x.shape[i] if i in ax else 1 for i in range(x.ndim)]
+    if a.get("gamma") is not None:
+        out = out * np.reshape(a["gamma"], shape)
+    if a.get("beta") is not None:
+        out = out + np.reshape(a["beta"], shape)
+    return out
+
+
 def _real_div(a, n):
     x, y = a["x"], a["y"]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -123,6 +193,18 @@ def _slice_by_size(a, n):
 
 def _concat(a, n):
     return np.concatenate(list(a["values"]), axis=int(a["axis"]))
+
+
+def _split(a, n):
+    """MIL ``split``: ``split_sizes`` along ``axis``, or ``num_splits`` equal parts (one output each)."""
+    x = a["x"]
+    axis = int(a["axis"]) % x.ndim
+    sizes = a.get("split_sizes")
+    if sizes is None:
+        k = int(a["num_splits"])
+        sizes = [x.shape[axis] // k] * k
+    bounds = np.cumsum(ints(sizes))[:-1]
+    return tuple(np.split(x, bounds, axis=axis))
 
 
 def _stack(a, n):
@@ -254,6 +336,10 @@ for _op_type, _kernel in (
     ("sigmoid", _unary(_sigmoid)),
     ("tanh", _unary(np.tanh)),
     ("silu", _unary(lambda x: x * _sigmoid(x))),
+    ("sigmoid_hard", _sigmoid_hard),
+    ("thresholded_relu", _thresholded_relu),
+    ("gelu", _gelu),
+    ("erf", _unary(_erf)),
     ("leaky_relu", lambda a, n: np.where(a["x"] >= 0, a["x"], a["x"] * np.float32(arg(a, "alpha", 0.01)))),
     ("clip", lambda a, n: np.minimum(np.maximum(a["x"], a["alpha"]), a["beta"])),
     ("abs", _unary(np.abs)),
@@ -306,6 +392,7 @@ for _op_type, _kernel in (
     ("expand_dims", _expand_dims),
     ("concat", _concat),
     ("stack", _stack),
+    ("split", _split),
     ("pad", _pad),
     ("slice_by_index", _slice_by_index),
     ("slice_by_size", _slice_by_size),
@@ -313,6 +400,7 @@ for _op_type, _kernel in (
     ("linear", _linear),
     ("matmul", _matmul),
     ("batch_norm", _batch_norm),
+    ("layer_norm", _layer_norm),
     ("conv", conv),
     ("avg_pool", pool("avg")),
     ("max_pool", pool("max")),
@@ -331,6 +419,7 @@ del _op_type, _kernel
 F16_INPUTS: dict[str, tuple[str, ...]] = {
     "identity": ("x",), "relu": ("x",), "shape": ("x",), "reshape": ("x",), "tile": ("x",),
     "transpose": ("x",), "squeeze": ("x",), "expand_dims": ("x",), "concat": ("values",), "stack": ("values",),
+    "split": ("x",),
     "pad": ("x",), "slice_by_index": ("x",), "slice_by_size": ("x",), "select": ("a", "b"),
 }
 

@@ -162,12 +162,16 @@ def input_specs(spec) -> dict[str, InputSpec]:
     return out
 
 
-def pixels_from_preprocessed(x: np.ndarray, scale: float, bias: list[float] | tuple[float, ...]) -> np.ndarray:
+def pixels_from_preprocessed(x: np.ndarray, scale: float | list[float] | tuple[float, ...],
+                             bias: list[float] | tuple[float, ...]) -> np.ndarray:
     """Pixel values (float, 0..255 for images that came from 8-bit pixels) from a preprocessed batch
-    ``x = pixel * scale + bias``: the inverse of a Core ML ImageType's preprocessing. Not rounded or
-    clipped: a batch made from 8-bit images maps back to its pixels (up to float error)."""
+    ``x = pixel * scale + bias``: the inverse of an image input's preprocessing. ``scale`` is one
+    number (a Core ML ImageType's) or one per channel (an ImageType followed by a per-channel
+    multiply, as hetero exports per-channel stds). Not rounded or clipped: a batch made from 8-bit
+    images maps back to its pixels (up to float error)."""
     b = np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
-    return ((np.asarray(x, np.float64) - b) / float(scale)).astype(np.float32)
+    s = np.asarray(scale, np.float64).reshape(1, -1, 1, 1)
+    return ((np.asarray(x, np.float64) - b) / s).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Both take the preprocessed float32 [N, C, H, W] batch like every runner and spli
 package's enumerated batch sizes (the largest that fits first; a remainder smaller than every size
 is padded with zero rows, which are dropped). A package with an image input (``coreml.image_input``)
 takes 8-bit pixels and does the preprocessing inside: the runners map the preprocessed batch back
-to pixel values with the manifest's ``scale`` and ``bias`` (``pixel = (x - bias) / scale``), exact
+to pixel values with the manifest's ``scale`` and ``bias`` (``pixel = (x - bias) / scale``, per channel), exact
 for batches made from 8-bit images. The interpreter gets those values unrounded; Core ML gets
 8-bit images (rounded and clipped to 0..255).
 
@@ -31,8 +31,9 @@ from devices.runner import Runner, module_missing, register_runner
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
 
 
-def _image_params(artifact: Artifact) -> tuple[float, list[float]] | None:
-    """(scale, bias) of an image-input artifact from its manifest entry, None for a tensor input."""
+def _image_params(artifact: Artifact) -> tuple[float | list[float], list[float]] | None:
+    """(scale, bias) of an image-input artifact from its manifest entry (scale: one number, or one per
+    channel where the package multiplies per channel after its ImageType), None for a tensor input."""
     entry = artifact.entry
     if entry.get("input_kind", "tensor") != "image":
         return None
@@ -40,7 +41,8 @@ def _image_params(artifact: Artifact) -> tuple[float, list[float]] | None:
     if inp.get("scale") is None or inp.get("bias") is None:
         raise DeviceError(f"the manifest entry of {artifact.path.name} has an image input without its scale and bias; "
                           "re-run `hetero export`")
-    return float(inp["scale"]), [float(b) for b in inp["bias"]]
+    scale = inp["scale"]
+    return ([float(v) for v in scale] if isinstance(scale, (list, tuple)) else float(scale)), [float(b) for b in inp["bias"]]
 
 
 @register_runner("coreml-interp")

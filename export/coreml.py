@@ -15,8 +15,10 @@ coremltools from the traced torch model, and weight-compressed variants made fro
 The input is a float tensor with enumerated batch sizes (``job.batch_sizes``), never a RangeDim: a
 flexible range keeps the model off the Neural Engine, enumerated shapes do not. With the option
 ``coreml.image_input`` the input is an image (batch 1) and the checkpoint's preprocessing is done
-inside the model. Tracing is ``torch.jit.trace``: ``torch.export`` programs are specialised to the
-example's batch and coremltools 9 rejects enumerated batch sizes for them.
+inside the model: by the ImageType's scale and bias, plus a per-channel multiply as the program's
+first op where the stds differ per channel (ImageNet's), since an ImageType has one scale. Tracing
+is ``torch.jit.trace``: ``torch.export`` programs are specialised to the example's batch and
+coremltools 9 rejects enumerated batch sizes for them.
 
 ``MLModel.predict`` needs macOS, so fidelity is emulated by hetero's Core ML reference interpreter
 and labelled ``emulated``, never ``measured`` (see :mod:`export.coreml_package`, which also writes
@@ -62,6 +64,36 @@ __all__ = ["COMPRESSIONS", "DEFAULT_LICENSE", "DEPLOYMENT_TARGET", "FP32_TAIL_FR
 FP32_TAIL_FROM = "reduce_l2_norm"  # in coreml-fp16 this op and everything after it stay FP32
 
 
+_PATCHED: list[bool] = []
+
+
+def _patch_scalar_casts() -> None:
+    """coremltools 9's converter of ``aten::Int`` folds a constant with ``int(x.val)``, which NumPy 2
+    refuses for a one-element 1-D array ("only 0-dimensional arrays can be converted to Python
+    scalars"): timm's MobileViT and EfficientViT trace such casts (their patch and head counts).
+    Overridden (once) by the same conversion on the array's single element."""
+    if _PATCHED:
+        return
+    from coremltools.converters.mil import Builder as mb  # optional coremltools, imported by the caller already
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs  # optional coremltools, as above
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op  # optional, as above
+
+    @register_torch_op(torch_alias=["int"], override=True)
+    def _int(context, node):
+        (x,) = _get_inputs(context, node, expected=1)
+        if x.shape and not all(d == 1 for d in x.shape):
+            raise ValueError("input to cast must be either a scalar or a length 1 tensor")
+        if x.can_be_folded_to_const():
+            res = mb.const(val=int(np.asarray(x.val).reshape(-1)[0]), name=node.name)
+        elif x.shape:
+            res = mb.cast(x=mb.squeeze(x=x, name=node.name + "_item"), dtype="int32", name=node.name)
+        else:
+            res = mb.cast(x=x, dtype="int32", name=node.name)
+        context.add(res, node.name)
+
+    _PATCHED.append(True)
+
+
 def _first_line(e: BaseException) -> str:
     return ((str(e).strip().splitlines() or [e.__class__.__name__])[0])[:300]
 
@@ -84,17 +116,39 @@ def _batch_sizes(job: ExportJob) -> tuple[int, ...]:
 
 
 def _image_spec(job: ExportJob) -> dict[str, Any]:
-    """The ImageType that reproduces the checkpoint's preprocessing: x = pixel * scale + bias with
-    scale = 1 / (255 std) and bias_c = -mean_c / std_c. Core ML's scale is one scalar for all
-    channels, so per-channel std cannot be expressed."""
+    """The image input that reproduces the checkpoint's preprocessing ``x_c = (pixel / 255 - mean_c) / std_c``.
+
+    A Core ML ImageType computes ``pixel * scale + bias_c``: one scale for all channels. With one std
+    (grayscale, or equal stds) that is exact: scale = 1 / (255 std), bias_c = -mean_c / std. With
+    per-channel stds (ImageNet's 0.229, 0.224, 0.225) the ImageType gives ``pixel / 255 - mean_c``
+    (scale 1/255, bias -mean_c) and the program's first op multiplies channel c by ``1 / std_c``
+    (``channel_scale``), so the package is exact too. ``pixel_scale``/``pixel_bias``: the whole map
+    from pixels to the model's input (per channel), what a runner inverts to feed pixels."""
     prep = job.ckpt.preprocess
-    if len(set(prep.std)) != 1:
-        raise HeteroError(f"coreml.image_input cannot reproduce per-channel std {list(prep.std)}: a Core ML ImageType "
-                          "scale is one scalar for all channels; export with the tensor input (drop coreml.image_input) "
-                          "and normalise before calling the model")
-    std = prep.std[0]
-    return {"color_layout": "G" if prep.channels == 1 else "RGB", "scale": 1.0 / (255.0 * std),
-            "bias": [-m / s for m, s in zip(prep.mean, prep.std)]}
+    layout = "G" if prep.channels == 1 else "RGB"
+    pixel_scale = [1.0 / (255.0 * s) for s in prep.std]
+    pixel_bias = [-m / s for m, s in zip(prep.mean, prep.std)]
+    if len(set(prep.std)) == 1:
+        return {"color_layout": layout, "scale": pixel_scale[0], "bias": pixel_bias, "channel_scale": None,
+                "pixel_scale": pixel_scale[0], "pixel_bias": pixel_bias,
+                "normalisation": "ImageType scale and bias (one std for every channel: exact)"}
+    return {"color_layout": layout, "scale": 1.0 / 255.0, "bias": [-m for m in prep.mean],
+            "channel_scale": [1.0 / s for s in prep.std], "pixel_scale": pixel_scale, "pixel_bias": pixel_bias,
+            "normalisation": "per-channel std: the ImageType gives pixel / 255 - mean (its scale is one scalar for "
+                             "all channels), then the program's first op multiplies channel c by 1 / std_c (exact)"}
+
+
+class _ChannelScale(torch.nn.Module):
+    """``model(x * channel_scale)``: the per-channel part of an image input's preprocessing, traced
+    into the package as its first op (a Core ML ImageType has one scale for all channels)."""
+
+    def __init__(self, model: torch.nn.Module, channel_scale: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("channel_scale", torch.tensor(channel_scale, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.channel_scale)
 
 
 def _input_type(ct, job: ExportJob, sizes: tuple[int, ...], image: dict[str, Any] | None):
@@ -173,6 +227,7 @@ def coreml_from_torch(job: ExportJob, path: Path, *, fp16: bool, fmt: str) -> di
     """Trace ``job.ckpt.model`` and convert it to an ML Program saved at ``path``; returns what the
     manifest entry records about the input."""
     ct = import_coremltools()
+    _patch_scalar_casts()
     ckpt = job.ckpt
     c, h, w = ckpt.input_shape
     sizes = _batch_sizes(job)
@@ -180,6 +235,8 @@ def coreml_from_torch(job: ExportJob, path: Path, *, fp16: bool, fmt: str) -> di
     if image is not None:
         sizes = (1,)
     model = ckpt.model.eval()
+    if image is not None and image["channel_scale"] is not None:
+        model = _ChannelScale(model, image["channel_scale"]).eval()
     try:
         with quiet_coremltools(), warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always", torch.jit.TracerWarning)

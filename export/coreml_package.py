@@ -5,7 +5,7 @@ summarised, its fidelity emulated by hetero's Core ML interpreter, and its manif
 ``MLModel.predict`` needs macOS, so fidelity is measured with hetero's Core ML reference interpreter
 (:mod:`devices.coreml_interp`, numpy: the saved package's program run op by op, FP16 programs in
 emulated FP16) and labelled ``emulated``, never ``measured``. An image-input package is fed the check
-inputs mapped back to pixel values (``(x - bias) / scale``, unrounded). A package whose program
+inputs mapped back to pixel values (``(x - bias) / scale``, per channel, unrounded). A package whose program
 has an op the interpreter lacks keeps ``pending`` fidelity, with the reason.
 """
 from __future__ import annotations
@@ -97,7 +97,8 @@ def write_metadata(ml, job: ExportJob, sizes: tuple[int, ...], image: dict[str, 
     ml.short_description = (f"hetero {ckpt.role} embedding model ({ckpt.spec.dim}-d), compatible with cloud space "
                             f"{ckpt.space[:12]}")
     if image:
-        layout = f"image {image['color_layout']} {w}x{h}, 8-bit pixels, preprocessing inside the model, batch 1"
+        layout = (f"image {image['color_layout']} {w}x{h}, 8-bit pixels, preprocessing inside the model, batch 1 "
+                  f"({image['normalisation']})")
     else:
         layout = f"NCHW float32 [batch, {c}, {h}, {w}], preprocessed (see preprocessing)"
     common = {k: v for k, v in artifact_metadata(job, "").items() if k != "hetero.precision"}  # compressed later
@@ -220,7 +221,7 @@ def emulated_fidelity(job: ExportJob, path: Path, kind: str, image: dict[str, An
     inp, _ = io_spec(job)
     entry: dict[str, Any] = {"format": "coreml", "input_kind": kind}
     if kind == "image":  # the runner maps the preprocessed check inputs back to pixel values
-        entry["input"] = {**inp, "scale": image["scale"], "bias": image["bias"]}
+        entry["input"] = {**inp, "scale": image["pixel_scale"], "bias": image["pixel_bias"]}
     try:
         got, runtime = runner_embeddings(job, path, "coreml-interp", entry)
     except DeviceError as e:
@@ -253,7 +254,9 @@ def package_entry(job: ExportJob, path: Path, *, fmt: str, precision: str, made_
         c, h, w = job.ckpt.input_shape
         e["input"] = {"name": INPUT_NAME, "shape": [1, c, h, w], "dtype": "uint8 image",
                       "layout": f"image ({'Grayscale' if c == 1 else 'RGB'}), preprocessing inside the model",
-                      "scale": image["scale"], "bias": image["bias"]}
+                      "scale": image["pixel_scale"], "bias": image["pixel_bias"],
+                      "normalisation": image["normalisation"]}
+        e["image_type"] = {"scale": image["scale"], "bias": image["bias"], "channel_scale": image["channel_scale"]}
         e["output"] = io_spec(job, batch=1)[1]
     else:
         batch = f"batch in {tuple(sizes)}" if len(sizes) > 1 else sizes[0]

@@ -162,7 +162,7 @@ def test_image_input_does_the_preprocessing(tmp_path, edge, prep, capfd):
     assert "image" in spec.description.metadata.userDefined["hetero.input_layout"]
 
 
-def test_rgb_image_input_and_per_channel_std_refused(tmp_path, edge):
+def test_rgb_image_input_with_one_std_and_with_per_channel_std(tmp_path, edge):
     rgb = Preprocess(28, 3, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25))
     ck = dataclasses.replace(edge, model=create_embedding_model(ModelSpec("test_mobilenet", 16), 3).eval(), preprocess=rgb)
     m = export_checkpoint(ck, tmp_path / "x", formats=("coreml",), options={"coreml.image_input": True})
@@ -170,10 +170,21 @@ def test_rgb_image_input_and_per_channel_std_refused(tmp_path, edge):
     assert spec.description.input[0].type.imageType.colorSpace == ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB
     bias = const_value(spec, "input__biased___y_0")
     assert bias == pytest.approx([-0.5 / 0.25, -0.4 / 0.25, -0.3 / 0.25]) and m["artifacts"][0]["input"]["shape"][1] == 3
+    assert m["artifacts"][0]["image_type"]["channel_scale"] is None  # one std: the ImageType alone is exact
+    # per-channel std (ImageNet's): the ImageType gives pixel / 255 - mean, then a per-channel multiply by 1 / std
     per_channel = dataclasses.replace(ck, preprocess=Preprocess(28, 3, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)))
-    with pytest.raises(HeteroError, match=r"per-channel std .*scale is one scalar.*tensor input") as e:
-        export_checkpoint(per_channel, tmp_path / "y", formats=("coreml",), options={"coreml.image_input": True})
-    assert "\n" not in str(e.value) and not (tmp_path / "y").exists()
+    m = export_checkpoint(per_channel, tmp_path / "y", formats=("coreml",), options={"coreml.image_input": True},
+                          check_inputs=per_channel.preprocess.apply(
+                              np.random.default_rng(0).integers(0, 256, (8, 28, 28, 3), dtype=np.uint8)))
+    (a,) = m["artifacts"]
+    spec = spec_of(tmp_path / "y" / a["file"])
+    assert const_value(spec, "input__biased___y_0") == pytest.approx([-0.5, -0.4, -0.3])
+    assert a["image_type"] == {"scale": pytest.approx(1 / 255), "bias": pytest.approx([-0.5, -0.4, -0.3]),
+                               "channel_scale": pytest.approx([5.0, 1 / 0.3, 2.5])}
+    assert a["input"]["scale"] == pytest.approx([1 / (255 * s) for s in (0.2, 0.3, 0.4)])
+    assert a["input"]["bias"] == pytest.approx([-0.5 / 0.2, -0.4 / 0.3, -0.3 / 0.4]) and "per-channel" in a["input"]["normalisation"]
+    assert a["fidelity"]["label"] == "emulated" and a["fidelity"]["min_cosine"] > 0.99999
+    assert "multiplies channel c by 1 / std_c" in spec.description.metadata.userDefined["hetero.input_layout"]
 
 
 class _WithFFT(torch.nn.Module):

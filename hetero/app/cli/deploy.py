@@ -118,7 +118,8 @@ def add_export(sub) -> None:
     p.add_argument("--formats", help="comma-separated formats: onnx, onnx-fp16, onnx-int8, ort, coreml, coreml-fp16, "
                                      "coreml-int8w, coreml-palette6, coreml-palette4, tensorrt (default: every format "
                                      "this host can produce; the others are listed as skipped, with the reason)")
-    p.add_argument("--calib", type=int, help="training images that calibrate INT8 (default 512, seeded sample; "
+    p.add_argument("--calib", type=int, help="training images that calibrate INT8 (default 512 up to 112 px, 128 at "
+                                             "224 px: onnxruntime holds their activations in memory; seeded sample, "
                                              "never test images)")
     p.add_argument("--int8-mode", choices=("static", "dynamic"), default="static",
                    help="onnx-int8: static QDQ calibrated on training images (default), or dynamic (weights only)")
