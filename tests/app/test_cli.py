@@ -59,7 +59,7 @@ def test_export_calibrates_int8_only_on_the_models_training_data(trained, tmp_pa
                        "--data", "synthetic", "--calib", "100", "--check-samples", "50")
     assert code == 0 and re.search(r"^onnx-int8 +\S+edge.int8.onnx: ", out, re.M)
     calib = json.loads((tmp_path / "c" / "manifest.json").read_text())["artifacts"][1]["calibration"]
-    assert calib == {"images": 100, "source": "training split"}
+    assert calib == {"images": 100, "source": "training split", "method": "percentile"}
     msg = one_line_error(*run(capsys, "export", "--edge", trained / "edge", "--out", tmp_path / "d", "--formats", "onnx,tflite")[::2])
     assert "unknown export format 'tflite'" in msg and "onnx-fp16" in msg
 

@@ -330,7 +330,8 @@ def test_train_config(tmp_path, config, model_kwargs, loss, options, flags):
         path.write_text(config if isinstance(config, str) else json.dumps(config))
     args = argparse.Namespace(config=str(path) if path else None, model="test_mobilenet", dim=None, epochs=None,
                               batch_size=None, lr=None, weight_decay=None, seed=None, limit=None, margin=None,
-                              model_kwargs=model_kwargs, augment=False, loss=loss, loss_options=options, targets=None)
+                              model_kwargs=model_kwargs, augment=False, loss=loss, loss_options=options, targets=None,
+                              size=None, pretrained=None)
     for k, v in flags.items():
         setattr(args, k, v)
     try:
@@ -365,7 +366,7 @@ def test_train_config_is_well_typed(tmp_path, config):
     path.write_text(json.dumps(config))
     args = argparse.Namespace(config=str(path), model=None, dim=None, epochs=None, batch_size=None, lr=None,
                               weight_decay=None, seed=None, limit=None, margin=None, model_kwargs=None, augment=False,
-                              loss=None, loss_options=None, targets=None)
+                              loss=None, loss_options=None, targets=None, size=None, pretrained=None)
     try:
         cfg = train_config(train_options(args))
     except HeteroError:
