@@ -19,6 +19,7 @@ from hetero._resume import Snapshots, rng_state, set_rng_state
 from hetero.checkpoint import Checkpoint
 from hetero.data import ImageSet, Preprocess, as_nchw, iterate_batches
 from hetero.data.augment import IMAGENET, PAD_CROP, POLICIES, resolve
+from hetero.data.imageset import LUMA
 from hetero.data.loader import _augment as augment_batch  # the loader's flip + 2-px crop, with our own generator
 from hetero.embed import cloud_targets
 from hetero.errors import HeteroError
@@ -248,7 +249,7 @@ def as_input_of(x: torch.Tensor, have: Preprocess, want: Preprocess) -> torch.Te
     m1, s1 = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in (want.mean, want.std))
     pixels = x * s0 + m0
     if have.channels != want.channels:
-        luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        luma = torch.as_tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)  # as conform converts
         pixels = pixels.expand(-1, 3, -1, -1) if want.channels == 3 else (pixels * luma).sum(1, keepdim=True)
     if have.size != want.size:
         pixels = F.interpolate(pixels, size=(want.size, want.size), mode="bilinear", align_corners=False,

@@ -16,7 +16,7 @@ from hetero.data.folder_images import FolderImages
 from hetero.errors import HeteroError
 
 # ITU-R BT.601 luma weights, the same PIL uses for RGB -> L.
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class ImageSet:
             if (imgs.size, imgs.channels, imgs.crop) == (prep.size, prep.channels, prep.crop):
                 return self
             return ImageSet(imgs.with_params(prep.size, prep.channels, prep.crop), self.labels, self.classes, self.name)
-        if (h, w, c) == (prep.size, prep.size, prep.channels) and (prep.crop is None or h == w):
+        if (h, w, c) == (prep.size, prep.size, prep.channels):
             return self  # a square image's centre crop at its own size is itself
         imgs = self.images
         if (h, w) != (prep.size, prep.size):
@@ -222,7 +222,7 @@ class ImageSet:
             if prep.channels == 3:
                 imgs = np.repeat(imgs, 3, axis=3)
             else:
-                luma = imgs.astype(np.float32) @ _LUMA
+                luma = imgs.astype(np.float32) @ LUMA
                 imgs = np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
         return ImageSet(np.ascontiguousarray(imgs), self.labels, self.classes, self.name)
 
